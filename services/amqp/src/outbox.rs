@@ -1,0 +1,235 @@
+//! The transactional outbox: an event that must follow a database change is inserted into the
+//! `outbox` table in the same transaction as the change, and a relay publishes it with
+//! confirms and only then deletes the row. A crash between commit and publish therefore delays
+//! the event instead of losing it; consumers deduplicate on the event id (the AMQP message id),
+//! because a crash between confirm and delete publishes it twice.
+//!
+//! Each service that uses it owns a table of this shape in its own schema:
+//!
+//! ```sql
+//! create table outbox (
+//!     outbox_id    bigserial primary key,
+//!     event_id     uuid not null unique,
+//!     exchange     text not null,
+//!     routing_key  text not null,
+//!     message_type text not null,
+//!     payload      bytea not null,
+//!     headers      jsonb not null default '[]',
+//!     created_at   timestamptz not null default now()
+//! );
+//! ```
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use sqlx::{PgConnection, PgPool, Row, postgres::PgListener};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::publisher::{Outgoing, PublishError, Publisher};
+
+/// The `LISTEN` channel that wakes the relay as soon as a transaction commits an event.
+const NOTIFY_CHANNEL: &str = "shopctrl_outbox";
+
+/// Why the outbox could not store or relay.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("outbox headers are not valid JSON: {0}")]
+    Headers(#[from] serde_json::Error),
+    #[error("publishing an outbox event failed: {0}")]
+    Publish(#[from] PublishError),
+}
+
+/// An event waiting to be published.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub event_id: Uuid,
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_type: String,
+    pub payload: Vec<u8>,
+    /// String headers; the current trace context is added by [`enqueue`].
+    pub headers: Vec<(String, String)>,
+}
+
+/// Stores `message` in the outbox inside the caller's transaction. Nothing is published
+/// until that transaction commits.
+pub async fn enqueue(conn: &mut PgConnection, message: &OutboxMessage) -> Result<(), OutboxError> {
+    let mut headers = message.headers.clone();
+    headers.extend(shopctrl_telemetry::inject_current());
+    sqlx::query(
+        "insert into outbox (event_id, exchange, routing_key, message_type, payload, headers)
+         values ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(message.event_id)
+    .bind(&message.exchange)
+    .bind(&message.routing_key)
+    .bind(&message.message_type)
+    .bind(&message.payload)
+    .bind(serde_json::to_value(&headers)?)
+    .execute(&mut *conn)
+    .await?;
+    // Delivered on commit only, so the relay never wakes for a rolled-back event.
+    sqlx::query("select pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Publishes committed outbox rows, oldest first, and deletes each once confirmed.
+#[derive(Clone)]
+pub struct OutboxRelay {
+    pool: PgPool,
+    publisher: Publisher,
+    batch_size: i64,
+    poll_interval: Duration,
+}
+
+impl OutboxRelay {
+    pub fn new(pool: PgPool, publisher: Publisher) -> Self {
+        Self {
+            pool,
+            publisher,
+            batch_size: 256,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Relays one batch; returns how many events were published. Rows are locked with
+    /// `skip locked`, so several replicas relay side by side without publishing a row twice.
+    pub async fn relay_once(&self) -> Result<usize, OutboxError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "select outbox_id, event_id, exchange, routing_key, message_type, payload, headers
+             from outbox order by outbox_id limit $1 for update skip locked",
+        )
+        .bind(self.batch_size)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let headers: Vec<(String, String)> =
+                serde_json::from_value(row.try_get::<serde_json::Value, _>("headers")?)?;
+            pending.push((
+                row.try_get::<i64, _>("outbox_id")?,
+                row.try_get::<Uuid, _>("event_id")?.to_string(),
+                row.try_get::<String, _>("exchange")?,
+                row.try_get::<String, _>("routing_key")?,
+                row.try_get::<String, _>("message_type")?,
+                row.try_get::<Vec<u8>, _>("payload")?,
+                headers,
+            ));
+        }
+        // All publishes of the batch are in flight at once: the broker confirms them together.
+        let results = join_all(pending.iter().map(
+            |(_, event_id, exchange, routing_key, message_type, payload, headers)| {
+                self.publisher.publish(Outgoing {
+                    exchange,
+                    routing_key,
+                    message_type,
+                    message_id: event_id,
+                    payload,
+                    headers,
+                    mandatory: true,
+                })
+            },
+        ))
+        .await;
+        let mut published = Vec::with_capacity(pending.len());
+        let mut first_error = None;
+        for ((outbox_id, ..), result) in pending.iter().zip(results) {
+            match result {
+                Ok(()) => published.push(*outbox_id),
+                Err(error) => {
+                    if first_error.is_none() {
+                        first_error = Some(error);
+                    }
+                }
+            }
+        }
+        sqlx::query("delete from outbox where outbox_id = any($1)")
+            .bind(&published)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        match first_error {
+            Some(error) => Err(error.into()),
+            None => Ok(published.len()),
+        }
+    }
+
+    /// Number of events not yet published (for the `outbox_pending` gauge).
+    pub async fn pending(&self) -> Result<i64, OutboxError> {
+        Ok(sqlx::query_scalar("select count(*) from outbox")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Relays until `shutdown`, woken by commits (LISTEN/NOTIFY) and by a poll as a safety net.
+    /// On shutdown it relays what is left once more before returning.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut listener = match PgListener::connect_with(&self.pool).await {
+            Ok(mut listener) => match listener.listen(NOTIFY_CHANNEL).await {
+                Ok(()) => Some(listener),
+                Err(error) => {
+                    tracing::warn!(%error, "outbox LISTEN failed; polling only");
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "outbox LISTEN failed; polling only");
+                None
+            }
+        };
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.relay_once().await {
+                Ok(n) if n as i64 == self.batch_size => continue,
+                Ok(_) => backoff = Duration::from_millis(100),
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "outbox relay failed; will retry");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let wait = tokio::time::sleep(self.poll_interval);
+            match listener.as_mut() {
+                Some(listener) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = wait => {}
+                        notification = listener.recv() => {
+                            if let Err(error) = notification {
+                                tracing::debug!(%error, "outbox listener interrupted");
+                            }
+                        }
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = wait => {}
+                    }
+                }
+            }
+        }
+    }
+}
