@@ -86,6 +86,7 @@ pub struct OutboxRelay {
     publisher: Publisher,
     batch_size: i64,
     poll_interval: Duration,
+    mandatory: bool,
 }
 
 impl OutboxRelay {
@@ -95,7 +96,16 @@ impl OutboxRelay {
             publisher,
             batch_size: 256,
             poll_interval: Duration::from_millis(500),
+            mandatory: true,
         }
+    }
+
+    /// Whether an event no queue is bound for is an error (the default: the row stays and is
+    /// retried). Fan-out notifications such as config changes turn it off: with no listener
+    /// bound there is no cache to drop, and the row would otherwise be retried forever.
+    pub fn with_mandatory(mut self, mandatory: bool) -> Self {
+        self.mandatory = mandatory;
+        self
     }
 
     pub fn with_poll_interval(mut self, interval: Duration) -> Self {
@@ -141,7 +151,7 @@ impl OutboxRelay {
                     message_id: event_id,
                     payload,
                     headers,
-                    mandatory: true,
+                    mandatory: self.mandatory,
                 })
             },
         ))
