@@ -1,0 +1,442 @@
+//! The inbound shard consumers. One task per shard queue; each queue is a quorum queue with a
+//! single active consumer, so with any number of replicas exactly one consumer applies a
+//! shard's events, in queue order. For throughput, a consumer takes what is already prefetched
+//! (up to the batch size), applies it in ONE transaction (each event inside a savepoint, so one
+//! bad event does not undo the others), commits, and then acks the whole batch with one
+//! `multiple` ack. Per-message acks cost 3-4x in broker and client CPU (LIMITS.md Q8 vs Q10).
+//!
+//! Failure handling:
+//! - infrastructure errors (database, config service unreachable) roll the batch back, pause
+//!   the shard with backoff and retry the same events in the same order, forever;
+//! - an event that cannot be decoded, or that violates a rule on each of its bounded tries, is
+//!   published to the dead-letter exchange with the reason (confirmed), then acked with the
+//!   batch; the consumer keeps going;
+//! - a crash between commit and ack redelivers the batch; every effect is idempotent (message
+//!   ids, status ranking, inbox), so the redelivery changes nothing.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use futures::{FutureExt, StreamExt};
+use lapin::{
+    BasicProperties, Channel, Confirmation, ExchangeKind,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use shopctrl_amqp::{Names, QueueSpec, TopologyError, connect, declare_exchange, declare_queue};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    assign::{AssignError, Assigner},
+    ingest::{FollowUps, Inbound, IngestError, Ingestor, ShopMemo},
+    metrics::Metrics,
+    store,
+};
+
+/// What a test (or the benchmark) may observe right after a batch committed, before the ack.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub shard: u16,
+    /// For each event of the batch: when ingress received it (None if it did not say).
+    pub received_at: Vec<Option<DateTime<Utc>>>,
+}
+
+/// Called after each commit, before the ack (tests cut the broker connection here).
+pub type CommitHook = Arc<dyn Fn(&Committed) + Send + Sync>;
+
+/// Everything a shard consumer needs.
+#[derive(Clone)]
+pub struct ShardContext {
+    pub amqp_url: String,
+    pub names: Names,
+    pub shards: u16,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub max_attempts: u32,
+    pub pool: PgPool,
+    pub ingestor: Ingestor,
+    pub assigner: Arc<dyn Assigner>,
+    pub metrics: Metrics,
+    pub after_commit: Option<CommitHook>,
+    /// Up while shard 0 is consuming (readiness).
+    pub broker_ready: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ShardError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker ended the consumer stream")]
+    StreamEnded,
+    #[error("dead-letter publish not confirmed")]
+    DeadLetterUnconfirmed,
+}
+
+/// The dead-letter routing key (and DLQ kind) of the inbound queues.
+pub const INBOUND_KIND: &str = "inbound";
+
+/// Declares the inbound topology: the exchange, N shard queues, the dead-letter exchange and
+/// the inbound dead-letter queue. Idempotent.
+pub async fn declare_inbound(channel: &Channel, names: &Names, shards: u16) -> Result<(), TopologyError> {
+    declare_exchange(channel, &names.inbound_exchange(), ExchangeKind::Direct).await?;
+    declare_exchange(channel, &names.dead_letter_exchange(), ExchangeKind::Direct).await?;
+    declare_queue(
+        channel,
+        &QueueSpec::quorum(names.dead_letter_queue(INBOUND_KIND))
+            .bind(names.dead_letter_exchange(), INBOUND_KIND),
+    )
+    .await?;
+    for shard in 0..shards {
+        declare_queue(
+            channel,
+            &QueueSpec::quorum(names.inbound_shard_queue(shard))
+                .single_active()
+                .dead_letter_to(names.dead_letter_exchange(), INBOUND_KIND)
+                .bind(names.inbound_exchange(), format!("shard.{shard}")),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Runs one shard's consumer until `shutdown`, reconnecting with backoff.
+pub async fn run_shard(context: Arc<ShardContext>, shard: u16, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        match consume(&context, shard, &shutdown).await {
+            Ok(()) => break,
+            Err(error) => {
+                if shard == 0 {
+                    context.broker_ready.store(false, Ordering::SeqCst);
+                }
+                tracing::warn!(shard, %error, ?backoff, "shard consumer lost; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    tracing::info!(shard, "shard consumer stopped");
+}
+
+async fn consume(
+    context: &ShardContext,
+    shard: u16,
+    shutdown: &CancellationToken,
+) -> Result<(), ShardError> {
+    let queue = context.names.inbound_shard_queue(shard);
+    let connection = connect(&context.amqp_url, &format!("routing shard {shard}")).await?;
+    let channel = connection.create_channel().await?;
+    declare_inbound(&channel, &context.names, context.shards).await?;
+    let dead_letters = connection.create_channel().await?;
+    dead_letters
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    channel
+        .basic_qos(context.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("routing-shard-{shard}-{}", uuid::Uuid::new_v4().simple());
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    if shard == 0 {
+        context.broker_ready.store(true, Ordering::SeqCst);
+    }
+    tracing::info!(shard, %queue, "consuming");
+
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            next = consumer.next() => Some(next),
+        };
+        let first = match first {
+            None => {
+                // Stop taking work; whatever is prefetched but unacked goes back to the queue.
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+                let _ = channel.close(200, "shutdown".into()).await;
+                let _ = connection.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+            Some(None) => return Err(ShardError::StreamEnded),
+            Some(Some(delivery)) => delivery?,
+        };
+        let mut batch = vec![first];
+        // Take what is already here, without waiting: an idle shard commits single events at
+        // once, a busy one fills its batches.
+        while batch.len() < context.batch_size
+            && !is_handover(batch.last())
+        {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(delivery))) => batch.push(delivery),
+                Some(Some(Err(error))) => return Err(error.into()),
+                Some(None) | None => break,
+            }
+        }
+        process_batch(context, shard, &dead_letters, &batch, shutdown).await?;
+    }
+}
+
+/// A handover ends a batch, so it is handed to the assigner after everything before it is
+/// committed and before anything after it is applied.
+fn is_handover(delivery: Option<&Delivery>) -> bool {
+    delivery
+        .and_then(|d| d.properties.kind().as_ref().map(|k| k.as_str().to_owned()))
+        .is_some_and(|k| k == store::proto_type("HandoverRequest"))
+}
+
+enum Verdict {
+    Applied(FollowUps),
+    Dead(String),
+}
+
+async fn process_batch(
+    context: &ShardContext,
+    shard: u16,
+    dead_letters: &Channel,
+    batch: &[Delivery],
+    shutdown: &CancellationToken,
+) -> Result<(), ShardError> {
+    let decoded: Vec<Result<Inbound, String>> = batch
+        .iter()
+        .map(|d| {
+            Inbound::decode(
+                d.properties.kind().as_ref().map(|k| k.as_str()),
+                &d.data,
+            )
+        })
+        .collect();
+    let mut backoff = Duration::from_millis(50);
+    let verdicts = loop {
+        match apply_batch(context, &decoded).await {
+            Ok(verdicts) => break verdicts,
+            Err(error) => {
+                context.metrics.event("transient_error", 1);
+                tracing::warn!(shard, %error, ?backoff, "infrastructure error; pausing this shard");
+                if shutdown.is_cancelled() {
+                    // Give the batch back unharmed; the next consumer takes it in order.
+                    if let Some(last) = batch.last() {
+                        last.nack(BasicNackOptions {
+                            multiple: true,
+                            requeue: true,
+                        })
+                        .await?;
+                    }
+                    return Ok(());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    if let Some(hook) = &context.after_commit {
+        hook(&Committed {
+            shard,
+            received_at: decoded
+                .iter()
+                .map(|d| match d {
+                    Ok(Inbound::Webhook(e)) => store::from_timestamp(e.received_at.as_ref()),
+                    Ok(Inbound::Handover(h)) => store::from_timestamp(h.received_at.as_ref()),
+                    Err(_) => None,
+                })
+                .collect(),
+        });
+    }
+
+    let mut follow_ups = FollowUps::default();
+    let mut applied = 0u64;
+    for (delivery, verdict) in batch.iter().zip(verdicts) {
+        match verdict {
+            Verdict::Applied(f) => {
+                applied += 1;
+                follow_ups.extend(f);
+            }
+            Verdict::Dead(reason) => {
+                dead_letter(context, dead_letters, delivery, &reason).await?;
+            }
+        }
+    }
+    if !run_follow_ups(context, follow_ups, shutdown).await {
+        // Shutting down with the assigner unreachable: give the batch back. The redelivery
+        // finds every message stored and asks the assigner again for waiting conversations.
+        if let Some(last) = batch.last() {
+            last.nack(BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            })
+            .await?;
+        }
+        return Ok(());
+    }
+    if let Some(last) = batch.last() {
+        last.ack(BasicAckOptions { multiple: true }).await?;
+    }
+    context.metrics.event("applied", applied);
+    let now = Utc::now();
+    for d in &decoded {
+        if let Ok(Inbound::Webhook(e)) = d
+            && let Some(at) = store::from_timestamp(e.received_at.as_ref())
+        {
+            context
+                .metrics
+                .commit_latency((now - at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        }
+    }
+    Ok(())
+}
+
+/// One transaction over the batch; each event in a savepoint with bounded tries. An `Err` is
+/// an infrastructure error: nothing was committed.
+async fn apply_batch(
+    context: &ShardContext,
+    decoded: &[Result<Inbound, String>],
+) -> Result<Vec<Verdict>, IngestError> {
+    let mut tx = context.pool.begin().await.map_err(IngestError::from)?;
+    let mut memo = ShopMemo::new();
+    let mut verdicts = Vec::with_capacity(decoded.len());
+    for event in decoded {
+        let inbound = match event {
+            Ok(inbound) => inbound,
+            Err(reason) => {
+                verdicts.push(Verdict::Dead(reason.clone()));
+                continue;
+            }
+        };
+        let mut attempt = 1;
+        let verdict = loop {
+            sqlx::query("savepoint event").execute(&mut *tx).await?;
+            match context.ingestor.apply(&mut *tx, &mut memo, inbound).await {
+                Ok(follow_ups) => {
+                    sqlx::query("release savepoint event").execute(&mut *tx).await?;
+                    break Verdict::Applied(follow_ups);
+                }
+                Err(IngestError::Transient(error)) => return Err(IngestError::Transient(error)),
+                Err(IngestError::Failed(reason)) => {
+                    sqlx::query("rollback to savepoint event")
+                        .execute(&mut *tx)
+                        .await?;
+                    if attempt >= context.max_attempts {
+                        break Verdict::Dead(reason);
+                    }
+                    tracing::warn!(attempt, %reason, "inbound event failed; retrying");
+                    attempt += 1;
+                }
+            }
+        };
+        verdicts.push(verdict);
+    }
+    tx.commit().await?;
+    Ok(verdicts)
+}
+
+/// The assigner calls. Infrastructure errors are retried in place until shutdown; false means
+/// shutdown came first and the batch must be given back. Other errors are logged: they are
+/// answers (the conversation stays in the queue), not outages.
+async fn run_follow_ups(
+    context: &ShardContext,
+    follow_ups: FollowUps,
+    shutdown: &CancellationToken,
+) -> bool {
+    for conversation_id in follow_ups.waiting {
+        if !retry(shutdown, || context.assigner.conversation_waiting(conversation_id)).await {
+            return false;
+        }
+    }
+    for handover in follow_ups.handovers {
+        if !retry(shutdown, || context.assigner.handover(handover.clone())).await {
+            return false;
+        }
+    }
+    true
+}
+
+async fn retry<'a, F>(shutdown: &CancellationToken, mut call: impl FnMut() -> F) -> bool
+where
+    F: std::future::Future<Output = Result<(), AssignError>> + 'a,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match call().await {
+            Ok(()) => return true,
+            Err(AssignError::Unavailable(error)) => {
+                if shutdown.is_cancelled() {
+                    return false;
+                }
+                tracing::warn!(%error, ?backoff, "assigner unavailable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "assigner refused");
+                return true;
+            }
+        }
+    }
+}
+
+async fn dead_letter(
+    context: &ShardContext,
+    channel: &Channel,
+    delivery: &Delivery,
+    reason: &str,
+) -> Result<(), ShardError> {
+    tracing::error!(%reason, "dead-lettering inbound event");
+    context.metrics.event("dead_lettered", 1);
+    context.metrics.dead_lettered(&context.names.dead_letter_queue(INBOUND_KIND));
+    let mut headers = delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    headers.insert(
+        ShortString::from("x-dead-letter-reason"),
+        AMQPValue::LongString(reason.into()),
+    );
+    headers.insert(
+        ShortString::from("x-original-queue"),
+        AMQPValue::LongString(delivery.routing_key.as_str().into()),
+    );
+    headers.insert(
+        ShortString::from("x-dead-lettered-at"),
+        AMQPValue::LongString(Utc::now().to_rfc3339().as_str().into()),
+    );
+    let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+    let confirm = channel
+        .basic_publish(
+            context.names.dead_letter_exchange().as_str().into(),
+            INBOUND_KIND.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &delivery.data,
+            properties,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        _ => Err(ShardError::DeadLetterUnconfirmed),
+    }
+}

@@ -1,0 +1,583 @@
+//! What one inbound event does to the record. Runs inside the consumer's transaction; returns
+//! the follow-ups that must happen after commit (the assigner calls). The rules (DESIGN.md §2):
+//! duplicates never create a second message and statuses only move forward; only a message the
+//! customer sent creates or reopens a conversation and moves the 24-hour window; a customer
+//! is found by MSISDN per shop, or by MessageBird contact id for visitors without a phone;
+//! unsupported types notify the assignee, or the shop's chatters when nobody is assigned.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use prost::Message as _;
+use shopctrl_domain::{message_status_from_messagebird, normalize_msisdn, status_update_allowed};
+use shopctrl_proto::v1::{
+    Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent,
+    MessageStatus, NewMessageEvent, UnsupportedMessageEvent, employee_event,
+};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use crate::{
+    access::{AccessError, Directory, ShopSettings},
+    store::{self, Sink, StoreError},
+};
+
+/// One decoded inbound event.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    Webhook(InboundWebhookEvent),
+    Handover(HandoverRequest),
+}
+
+impl Inbound {
+    /// Decodes by the AMQP `type` property; an undecodable body is poison.
+    pub fn decode(message_type: Option<&str>, data: &[u8]) -> Result<Self, String> {
+        let webhook = store::proto_type("InboundWebhookEvent");
+        let handover = store::proto_type("HandoverRequest");
+        match message_type {
+            Some(t) if t == webhook => InboundWebhookEvent::decode(data)
+                .map(Inbound::Webhook)
+                .map_err(|e| format!("undecodable InboundWebhookEvent: {e}")),
+            Some(t) if t == handover => HandoverRequest::decode(data)
+                .map(Inbound::Handover)
+                .map_err(|e| format!("undecodable HandoverRequest: {e}")),
+            Some(other) => Err(format!("unexpected message type {other:?}")),
+            None => Err("message without a type property".to_owned()),
+        }
+    }
+
+    pub fn shop_id(&self) -> &str {
+        match self {
+            Inbound::Webhook(e) => &e.shop_id,
+            Inbound::Handover(h) => &h.shop_id,
+        }
+    }
+}
+
+/// Why an event could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Infrastructure: pause the shard and retry the same events.
+    #[error("infrastructure error: {0}")]
+    Transient(String),
+    /// The event violates a rule: retried a bounded number of times, then dead-lettered.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<StoreError> for IngestError {
+    fn from(error: StoreError) -> Self {
+        if error.is_transient() {
+            IngestError::Transient(error.to_string())
+        } else {
+            IngestError::Failed(error.to_string())
+        }
+    }
+}
+
+impl From<sqlx::Error> for IngestError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::from(error).into()
+    }
+}
+
+impl From<AccessError> for IngestError {
+    fn from(error: AccessError) -> Self {
+        if error.is_transient() {
+            IngestError::Transient(error.to_string())
+        } else {
+            IngestError::Failed(error.to_string())
+        }
+    }
+}
+
+/// What must happen after the transaction committed.
+#[derive(Debug, Default, Clone)]
+pub struct FollowUps {
+    /// Conversations that wait for an employee (assigner.conversation_waiting).
+    pub waiting: Vec<Uuid>,
+    pub handovers: Vec<HandoverRequest>,
+}
+
+impl FollowUps {
+    pub fn extend(&mut self, other: FollowUps) {
+        self.waiting.extend(other.waiting);
+        self.handovers.extend(other.handovers);
+    }
+}
+
+/// Applies inbound events.
+#[derive(Clone)]
+pub struct Ingestor {
+    pub directory: Directory,
+    pub sink: Sink,
+}
+
+/// Per-batch memo of shop settings, so a batch reads each shop once.
+pub type ShopMemo = HashMap<String, ShopSettings>;
+
+impl Ingestor {
+    pub async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        memo: &mut ShopMemo,
+        inbound: &Inbound,
+    ) -> Result<FollowUps, IngestError> {
+        let shop_id = inbound.shop_id();
+        if shopctrl_domain::ShopId::parse(shop_id).is_err() {
+            return Err(IngestError::Failed(format!("invalid shop id {shop_id:?}")));
+        }
+        match inbound {
+            Inbound::Handover(request) => {
+                if request.messagebird_conversation_id.is_empty() {
+                    return Err(IngestError::Failed(
+                        "handover without a MessageBird conversation id".into(),
+                    ));
+                }
+                Ok(FollowUps {
+                    waiting: Vec::new(),
+                    handovers: vec![request.clone()],
+                })
+            }
+            Inbound::Webhook(event) => {
+                let Some(message) = &event.message else {
+                    if event.webhook_type.starts_with("message.") {
+                        return Err(IngestError::Failed(format!(
+                            "{} without a message",
+                            event.webhook_type
+                        )));
+                    }
+                    // conversation.* events carry nothing routing keeps.
+                    return Ok(FollowUps::default());
+                };
+                let shop = self.shop(memo, shop_id).await?;
+                self.message(conn, &shop, event, message).await
+            }
+        }
+    }
+
+    async fn shop(&self, memo: &mut ShopMemo, shop_id: &str) -> Result<ShopSettings, IngestError> {
+        if let Some(shop) = memo.get(shop_id) {
+            return Ok(shop.clone());
+        }
+        let shop = self
+            .directory
+            .shop(shop_id)
+            .await?
+            .ok_or_else(|| IngestError::Failed(format!("shop {shop_id} is unknown to config")))?;
+        memo.insert(shop_id.to_owned(), shop.clone());
+        Ok(shop)
+    }
+
+    async fn message(
+        &self,
+        conn: &mut PgConnection,
+        shop: &ShopSettings,
+        event: &InboundWebhookEvent,
+        message: &InboundMessage,
+    ) -> Result<FollowUps, IngestError> {
+        let mb_message_id = message.messagebird_message_id.trim();
+        if mb_message_id.is_empty() {
+            return Err(IngestError::Failed("message without a MessageBird id".into()));
+        }
+        let mb_conversation_id = event.messagebird_conversation_id.trim();
+        if mb_conversation_id.is_empty() {
+            return Err(IngestError::Failed(
+                "message without a MessageBird conversation id".into(),
+            ));
+        }
+        let direction = store::direction_of(message.direction);
+        let status = match store::status_of(message.status) {
+            MessageStatus::Unspecified => message_status_from_messagebird(&message.raw_status),
+            status => status,
+        };
+        let created_at = store::from_timestamp(message.created_at.as_ref())
+            .or_else(|| store::from_timestamp(event.received_at.as_ref()))
+            .unwrap_or_else(Utc::now);
+        let mut follow_ups = FollowUps::default();
+
+        // A message we already have (redelivery, MessageBird retry, or message.updated): only
+        // the status may move, and only forward.
+        let existing = sqlx::query(
+            "select m.message_id, m.status, m.conversation_id, c.state
+             from messages m left join conversations c on c.conversation_id = m.conversation_id
+             where m.shop_id = $1 and m.messagebird_message_id = $2
+             for update of m",
+        )
+        .bind(&shop.shop_id)
+        .bind(mb_message_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(row) = existing {
+            let current = store::status_of(i32::from(row.try_get::<i16, _>("status")?));
+            if status_update_allowed(current, status) {
+                sqlx::query("update messages set status = $2, raw_status = $3 where message_id = $1")
+                    .bind(row.try_get::<Uuid, _>("message_id")?)
+                    .bind(status as i16)
+                    .bind(&message.raw_status)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            // Repairs a crash between commit and the assigner call: the redelivery asks again
+            // (the assigner is idempotent).
+            let state: Option<String> = row.try_get("state")?;
+            if direction == Direction::Received && state.as_deref() == Some("waiting_for_employee") {
+                if let Some(id) = row.try_get::<Option<Uuid>, _>("conversation_id")? {
+                    follow_ups.waiting.push(id);
+                }
+            }
+            return Ok(follow_ups);
+        }
+
+        let received = direction == Direction::Received;
+        let contact = event.contact.clone().unwrap_or_default();
+        let conversation = if received {
+            let customer_id = self.customer(conn, &shop.shop_id, &contact).await?;
+            Some(
+                self.conversation_for_customer_message(
+                    conn,
+                    shop,
+                    mb_conversation_id,
+                    customer_id,
+                    message,
+                )
+                .await?,
+            )
+        } else {
+            // Bot and agent messages are history: the open conversation, else the latest one,
+            // else none yet (attached when the customer's first message creates it).
+            sqlx::query(
+                "select conversation_id, state, assignee_employee_id from conversations
+                 where shop_id = $1 and messagebird_conversation_id = $2
+                 order by (state <> 'closed') desc, created_at desc limit 1",
+            )
+            .bind(&shop.shop_id)
+            .bind(mb_conversation_id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .map(|row| -> Result<Target, sqlx::Error> {
+                Ok(Target {
+                    conversation_id: row.try_get("conversation_id")?,
+                    state: row.try_get("state")?,
+                    assignee: row.try_get("assignee_employee_id")?,
+                    fresh: false,
+                })
+            })
+            .transpose()?
+        };
+
+        let message_id = Uuid::now_v7();
+        sqlx::query(
+            "insert into messages (message_id, shop_id, conversation_id, messagebird_conversation_id,
+                messagebird_message_id, direction, channel, platform, type, text, supported,
+                content_json, status, raw_status, created_at)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(message_id)
+        .bind(&shop.shop_id)
+        .bind(conversation.as_ref().map(|c| c.conversation_id))
+        .bind(mb_conversation_id)
+        .bind(mb_message_id)
+        .bind(i16::try_from(message.direction).unwrap_or(0))
+        .bind(i16::try_from(message.channel).unwrap_or(0))
+        .bind(&message.platform)
+        .bind(&message.r#type)
+        .bind(&message.text)
+        .bind(message.supported)
+        .bind(if message.content_json.is_empty() { "{}" } else { &message.content_json })
+        .bind(status as i16)
+        .bind(&message.raw_status)
+        .bind(created_at)
+        .execute(&mut *conn)
+        .await?;
+
+        let Some(target) = conversation else {
+            return Ok(follow_ups);
+        };
+        if target.state != "closed" {
+            sqlx::query(
+                "update conversations set last_activity_at = greatest(last_activity_at, $2),
+                        last_message_preview = $3
+                 where conversation_id = $1",
+            )
+            .bind(target.conversation_id)
+            .bind(created_at)
+            .bind(store::preview(&message.text, &message.r#type, message.supported))
+            .execute(&mut *conn)
+            .await?;
+        }
+        if !received {
+            return Ok(follow_ups);
+        }
+        if target.fresh {
+            // Bot messages that arrived before the customer's first one.
+            sqlx::query(
+                "update messages set conversation_id = $1
+                 where shop_id = $2 and messagebird_conversation_id = $3 and conversation_id is null",
+            )
+            .bind(target.conversation_id)
+            .bind(&shop.shop_id)
+            .bind(mb_conversation_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        self.move_window(conn, &shop.shop_id, message, &contact, created_at, mb_message_id)
+            .await?;
+        if target.state == "waiting_for_employee" {
+            follow_ups.waiting.push(target.conversation_id);
+        }
+        self.notify(conn, &shop.shop_id, &target, message_id, message)
+            .await?;
+        Ok(follow_ups)
+    }
+
+    /// The customer by normalized MSISDN per shop, else by MessageBird contact id.
+    async fn customer(
+        &self,
+        conn: &mut PgConnection,
+        shop_id: &str,
+        contact: &InboundContact,
+    ) -> Result<Uuid, IngestError> {
+        let msisdn = if contact.msisdn.trim().is_empty() {
+            None
+        } else {
+            Some(normalize_msisdn(&contact.msisdn).map_err(|e| {
+                IngestError::Failed(format!("contact msisdn {:?}: {e}", contact.msisdn))
+            })?)
+        };
+        let contact_id = Some(contact.messagebird_contact_id.trim())
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned);
+        let (lookup, key) = match (&msisdn, &contact_id) {
+            (Some(msisdn), _) => (
+                "select customer_id from customers where shop_id = $1 and msisdn = $2",
+                msisdn.clone(),
+            ),
+            (None, Some(contact_id)) => (
+                "select customer_id from customers
+                 where shop_id = $1 and messagebird_contact_id = $2 and msisdn is null",
+                contact_id.clone(),
+            ),
+            (None, None) => {
+                return Err(IngestError::Failed(
+                    "customer message without MSISDN or contact id".into(),
+                ));
+            }
+        };
+        if let Some(id) = sqlx::query_scalar::<_, Uuid>(lookup)
+            .bind(shop_id)
+            .bind(&key)
+            .fetch_optional(&mut *conn)
+            .await?
+        {
+            return Ok(id);
+        }
+        let conflict = if msisdn.is_some() {
+            "(shop_id, msisdn) where msisdn is not null"
+        } else {
+            "(shop_id, messagebird_contact_id) where msisdn is null"
+        };
+        let insert = format!(
+            "insert into customers (customer_id, shop_id, msisdn, messagebird_contact_id, display_name)
+             values ($1, $2, $3, $4, $5) on conflict {conflict} do nothing returning customer_id"
+        );
+        if let Some(id) = sqlx::query_scalar::<_, Uuid>(sqlx::AssertSqlSafe(insert))
+            .bind(Uuid::now_v7())
+            .bind(shop_id)
+            .bind(&msisdn)
+            .bind(&contact_id)
+            .bind(contact.display_name.trim())
+            .fetch_optional(&mut *conn)
+            .await?
+        {
+            return Ok(id);
+        }
+        // Inserted by someone else between the lookup and the insert.
+        sqlx::query_scalar::<_, Uuid>(lookup)
+            .bind(shop_id)
+            .bind(&key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Into::into)
+    }
+
+    /// The open conversation; else reopen the latest closed one or start a new one, per the
+    /// shop's closed-conversation setting.
+    async fn conversation_for_customer_message(
+        &self,
+        conn: &mut PgConnection,
+        shop: &ShopSettings,
+        mb_conversation_id: &str,
+        customer_id: Uuid,
+        message: &InboundMessage,
+    ) -> Result<Target, IngestError> {
+        let open = sqlx::query(
+            "select conversation_id, state, assignee_employee_id from conversations
+             where shop_id = $1 and messagebird_conversation_id = $2 and state <> 'closed'
+             for update",
+        )
+        .bind(&shop.shop_id)
+        .bind(mb_conversation_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(row) = open {
+            return Ok(Target {
+                conversation_id: row.try_get("conversation_id")?,
+                state: row.try_get("state")?,
+                assignee: row.try_get("assignee_employee_id")?,
+                fresh: false,
+            });
+        }
+        let (state, reason) = if shop.assign_on_first_message {
+            ("waiting_for_employee", None)
+        } else {
+            ("waiting_for_handover", Some("awaiting_handover"))
+        };
+        if !shop.new_conversation_on_closed {
+            let reopened: Option<Uuid> = sqlx::query_scalar(
+                "update conversations set state = $3, unassigned_reason = $4, waiting_since = now(),
+                        closed_at = null, closed_by_employee_id = null, via_handover = false,
+                        customer_id = $5
+                 where conversation_id = (
+                    select conversation_id from conversations
+                    where shop_id = $1 and messagebird_conversation_id = $2 and state = 'closed'
+                    order by created_at desc limit 1)
+                 returning conversation_id",
+            )
+            .bind(&shop.shop_id)
+            .bind(mb_conversation_id)
+            .bind(state)
+            .bind(reason)
+            .bind(customer_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(conversation_id) = reopened {
+                return Ok(Target {
+                    conversation_id,
+                    state: state.to_owned(),
+                    assignee: None,
+                    fresh: false,
+                });
+            }
+        }
+        let conversation_id = Uuid::now_v7();
+        sqlx::query(
+            "insert into conversations (conversation_id, shop_id, messagebird_conversation_id,
+                customer_id, channel, channel_id, platform, state, unassigned_reason, waiting_since)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
+        )
+        .bind(conversation_id)
+        .bind(&shop.shop_id)
+        .bind(mb_conversation_id)
+        .bind(customer_id)
+        .bind(i16::try_from(message.channel).unwrap_or(0))
+        .bind(&message.channel_id)
+        .bind(&message.platform)
+        .bind(state)
+        .bind(reason)
+        .execute(&mut *conn)
+        .await?;
+        Ok(Target {
+            conversation_id,
+            state: state.to_owned(),
+            assignee: None,
+            fresh: true,
+        })
+    }
+
+    /// The customer's last received message per shop, channel and MSISDN (or contact id),
+    /// never moved backwards by an out-of-order delivery.
+    async fn move_window(
+        &self,
+        conn: &mut PgConnection,
+        shop_id: &str,
+        message: &InboundMessage,
+        contact: &InboundContact,
+        created_at: DateTime<Utc>,
+        mb_message_id: &str,
+    ) -> Result<(), IngestError> {
+        let key = match normalize_msisdn(&contact.msisdn) {
+            Ok(msisdn) => msisdn,
+            Err(_) => format!("contact:{}", contact.messagebird_contact_id.trim()),
+        };
+        sqlx::query(
+            "insert into last_received (shop_id, channel_id, customer_key, channel, received_at,
+                                        messagebird_message_id)
+             values ($1, $2, $3, $4, $5, $6)
+             on conflict (shop_id, channel_id, customer_key) do update
+                set received_at = excluded.received_at,
+                    messagebird_message_id = excluded.messagebird_message_id,
+                    channel = excluded.channel
+                where last_received.received_at < excluded.received_at",
+        )
+        .bind(shop_id)
+        .bind(&message.channel_id)
+        .bind(key)
+        .bind(i16::try_from(message.channel).unwrap_or(0))
+        .bind(created_at)
+        .bind(mb_message_id)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// New-message and unsupported-type events for whoever should hear them.
+    async fn notify(
+        &self,
+        conn: &mut PgConnection,
+        shop_id: &str,
+        target: &Target,
+        message_id: Uuid,
+        message: &InboundMessage,
+    ) -> Result<(), IngestError> {
+        let assignee = target
+            .assignee
+            .clone()
+            .filter(|_| target.state == "assigned");
+        if message.supported && assignee.is_none() {
+            return Ok(());
+        }
+        let conversation = store::load_conversation(conn, target.conversation_id).await?;
+        let stored = store::load_message(conn, message_id).await?;
+        let event = if message.supported {
+            employee_event::Event::NewMessage(NewMessageEvent {
+                conversation,
+                message: stored,
+            })
+        } else {
+            employee_event::Event::UnsupportedMessage(UnsupportedMessageEvent {
+                conversation,
+                message: stored,
+                r#type: message.r#type.clone(),
+            })
+        };
+        match assignee {
+            Some(employee_id) => {
+                self.sink
+                    .employee_event(conn, &employee_id, shop_id, event)
+                    .await?;
+            }
+            None => {
+                // The shop: every employee who may chat there gets it in their own numbered
+                // stream (so a reconnect replays it), plus one shop-wide notice.
+                for employee_id in store::chat_members(conn, shop_id).await? {
+                    self.sink
+                        .employee_event(conn, &employee_id, shop_id, event.clone())
+                        .await?;
+                }
+                self.sink.shop_notice(conn, shop_id, event).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The conversation a message lands in.
+#[derive(Debug, Clone)]
+struct Target {
+    conversation_id: Uuid,
+    state: String,
+    assignee: Option<String>,
+    /// Created by this message.
+    fresh: bool,
+}

@@ -1,0 +1,287 @@
+//! The slot engine behind the consumer's and the API's assignment seam ([`Assigner`]).
+//!
+//! The slot copy (`slot_shops`, `slot_candidates`, `slot_away` and Redis) follows routing's
+//! local copy of the config service's data (`shop_settings`, `shop_members`, `presence`): a
+//! shop is synced whenever its settings version or fetch time moved since the last sync, and
+//! on every capacity change or withdrawal the seam reports.
+
+use futures::future::BoxFuture;
+use shopctrl_proto::v1::{HandoverRequest, Presence};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{ClaimKind, SlotError, SlotService};
+use crate::assign::{AssignError, Assigned, Assigner};
+
+impl From<SlotError> for AssignError {
+    fn from(error: SlotError) -> Self {
+        match error {
+            SlotError::NotFound(_) => AssignError::NotFound,
+            SlotError::NoFreeSlot { .. } => AssignError::NoFreeSlot,
+            SlotError::NoPermission => {
+                AssignError::Refused("the employee has no Chat permission at this shop".into())
+            }
+            SlotError::Closed(_) => AssignError::Refused("the conversation is closed".into()),
+            other => AssignError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// [`Assigner`] with atomic slot claims.
+#[derive(Clone)]
+pub struct SlotAssigner {
+    svc: SlotService,
+}
+
+impl SlotAssigner {
+    pub fn new(svc: SlotService) -> Self {
+        Self { svc }
+    }
+
+    pub fn service(&self) -> &SlotService {
+        &self.svc
+    }
+
+    /// Brings the slot copy of a shop in line with the local config copy: when `force`, or
+    /// when the settings version or fetch time moved since the last sync.
+    pub async fn sync_shop(&self, shop_id: &str, force: bool) -> Result<(), SlotError> {
+        let pool = self.svc.pool();
+        let Some(row) = sqlx::query(
+            "select s.conversation_slots, s.version, s.refreshed_at,
+                    x.synced_version, x.synced_refresh
+             from shop_settings s left join slot_shops x on x.shop_id = s.shop_id
+             where s.shop_id = $1",
+        )
+        .bind(shop_id)
+        .fetch_optional(pool)
+        .await?
+        else {
+            // Unknown shop: nothing to claim with (the claim answers slots_zero).
+            return Ok(());
+        };
+        let slots: i32 = row.try_get("conversation_slots")?;
+        let version: i64 = row.try_get("version")?;
+        let refreshed: chrono::DateTime<chrono::Utc> = row.try_get("refreshed_at")?;
+        let synced_version: Option<i64> = row.try_get("synced_version")?;
+        let synced_refresh: Option<chrono::DateTime<chrono::Utc>> = row.try_get("synced_refresh")?;
+        if !force && synced_version == Some(version) && synced_refresh == Some(refreshed) {
+            return Ok(());
+        }
+        self.svc.apply_slots(shop_id, slots.max(0) as u32).await?;
+        let members: Vec<(String, String)> = sqlx::query_as(
+            "select employee_id, display_name from shop_members
+             where shop_id = $1 and chat_permission order by employee_id",
+        )
+        .bind(shop_id)
+        .fetch_all(pool)
+        .await?;
+        let current = self.svc.candidates(shop_id).await?;
+        for (employee, name) in &members {
+            self.svc.apply_grant(shop_id, employee, name).await?;
+        }
+        for employee in current {
+            if !members.iter().any(|(e, _)| *e == employee) {
+                self.svc.withdraw_permission(shop_id, &employee).await?;
+            }
+        }
+        sqlx::query(
+            "update slot_shops set synced_version = $2, synced_refresh = $3 where shop_id = $1",
+        )
+        .bind(shop_id)
+        .bind(version)
+        .bind(refreshed)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Presence from the local copy (no row: online).
+    async fn sync_presence(&self, employee_id: &str) -> Result<(), SlotError> {
+        let presence: Option<i16> =
+            sqlx::query_scalar("select presence from presence where employee_id = $1")
+                .bind(employee_id)
+                .fetch_optional(self.svc.pool())
+                .await?;
+        let present = presence.is_none_or(|p| p == Presence::Online as i16);
+        self.svc.apply_presence(employee_id, present).await
+    }
+
+    async fn shop_of(&self, conversation_id: Uuid) -> Result<Option<String>, SlotError> {
+        Ok(
+            sqlx::query_scalar("select shop_id from conversations where conversation_id = $1")
+                .bind(conversation_id)
+                .fetch_optional(self.svc.pool())
+                .await?,
+        )
+    }
+
+    /// The conversation a handover is about: the open one; else, for a closed one, the shop's
+    /// closed-conversation setting (reopen the latest, or start a new one); else (the handover
+    /// overtook the customer's message) a new one, waiting for the handover.
+    async fn handover_target(&self, request: &HandoverRequest) -> Result<Uuid, SlotError> {
+        let mut tx = self.svc.pool().begin().await?;
+        let shop = request.shop_id.as_str();
+        let mb = request.messagebird_conversation_id.as_str();
+        let open: Option<Uuid> = sqlx::query_scalar(
+            "select conversation_id from conversations
+             where shop_id = $1 and messagebird_conversation_id = $2 and state <> 'closed'
+             for update",
+        )
+        .bind(shop)
+        .bind(mb)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = open {
+            tx.commit().await?;
+            return Ok(id);
+        }
+        let new_on_closed: Option<bool> = sqlx::query_scalar(
+            "select new_conversation_on_closed from shop_settings where shop_id = $1",
+        )
+        .bind(shop)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if new_on_closed == Some(false) {
+            let reopened: Option<Uuid> = sqlx::query_scalar(
+                "update conversations set state = 'waiting_for_handover',
+                        unassigned_reason = 'awaiting_handover', waiting_since = now(),
+                        closed_at = null, closed_by_employee_id = null, via_handover = false
+                 where conversation_id = (
+                    select conversation_id from conversations
+                    where shop_id = $1 and messagebird_conversation_id = $2 and state = 'closed'
+                    order by created_at desc limit 1)
+                 returning conversation_id",
+            )
+            .bind(shop)
+            .bind(mb)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(id) = reopened {
+                tx.commit().await?;
+                return Ok(id);
+            }
+        }
+        let msisdn = shopctrl_domain::normalize_msisdn(&request.msisdn).ok();
+        let contact = msisdn.is_none().then(|| format!("conversation:{mb}"));
+        let customer: Uuid = match &msisdn {
+            Some(m) => {
+                sqlx::query_scalar(
+                    "insert into customers (customer_id, shop_id, msisdn) values ($1, $2, $3)
+                     on conflict (shop_id, msisdn) where msisdn is not null
+                     do update set msisdn = excluded.msisdn
+                     returning customer_id",
+                )
+                .bind(Uuid::now_v7())
+                .bind(shop)
+                .bind(m)
+                .fetch_one(&mut *tx)
+                .await?
+            }
+            None => {
+                sqlx::query_scalar(
+                    "insert into customers (customer_id, shop_id, messagebird_contact_id)
+                     values ($1, $2, $3)
+                     on conflict (shop_id, messagebird_contact_id) where msisdn is null
+                     do update set messagebird_contact_id = excluded.messagebird_contact_id
+                     returning customer_id",
+                )
+                .bind(Uuid::now_v7())
+                .bind(shop)
+                .bind(&contact)
+                .fetch_one(&mut *tx)
+                .await?
+            }
+        };
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "insert into conversations (conversation_id, shop_id, messagebird_conversation_id,
+                customer_id, channel, channel_id, state, unassigned_reason, waiting_since)
+             values ($1, $2, $3, $4, 0, $5, 'waiting_for_handover', 'awaiting_handover', now())",
+        )
+        .bind(id)
+        .bind(shop)
+        .bind(mb)
+        .bind(customer)
+        .bind(&request.channel_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+}
+
+impl Assigner for SlotAssigner {
+    fn conversation_waiting(&self, conversation_id: Uuid) -> BoxFuture<'_, Result<(), AssignError>> {
+        Box::pin(async move {
+            let Some(shop) = self.shop_of(conversation_id).await? else {
+                return Ok(());
+            };
+            self.sync_shop(&shop, false).await?;
+            self.svc
+                .assign_waiting(conversation_id, ClaimKind::Auto)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn handover(&self, request: HandoverRequest) -> BoxFuture<'_, Result<(), AssignError>> {
+        Box::pin(async move {
+            let id = self.handover_target(&request).await?;
+            self.sync_shop(&request.shop_id, false).await?;
+            self.svc.handover(id).await?;
+            Ok(())
+        })
+    }
+
+    fn capacity_changed<'a>(
+        &'a self,
+        shop_id: &'a str,
+        employee_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), AssignError>> {
+        Box::pin(async move {
+            self.sync_shop(shop_id, true).await?;
+            if let Some(employee) = employee_id {
+                self.sync_presence(employee).await?;
+                // Gives back slots of conversations the record took from them, then drains
+                // all their shops.
+                self.svc.employee_freed(employee).await?;
+            }
+            self.svc.drain_shops(&[shop_id.to_owned()]).await?;
+            Ok(())
+        })
+    }
+
+    fn manual_assign<'a>(
+        &'a self,
+        conversation_id: Uuid,
+        employee_id: &'a str,
+        force: bool,
+    ) -> BoxFuture<'a, Result<Assigned, AssignError>> {
+        Box::pin(async move {
+            let Some(shop) = self.shop_of(conversation_id).await? else {
+                return Err(AssignError::NotFound);
+            };
+            self.sync_shop(&shop, false).await?;
+            let (employee_id, over_limit) = self
+                .svc
+                .manual_assign(conversation_id, employee_id, force)
+                .await?;
+            Ok(Assigned {
+                conversation_id,
+                employee_id,
+                over_limit,
+            })
+        })
+    }
+
+    fn role_withdrawn<'a>(
+        &'a self,
+        shop_id: &'a str,
+        employee_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), AssignError>> {
+        Box::pin(async move {
+            self.svc.withdraw_permission(shop_id, employee_id).await?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,1152 @@
+//! Assignment on top of the engine: PostgreSQL is the record (conversations, the assignment
+//! log, stickiness), Redis follows it. Every claim is pending in Redis, committed in
+//! PostgreSQL (fenced on the Redis epoch), then confirmed; a failed commit gives the slot back.
+
+use std::{collections::HashSet, time::Duration};
+
+use prost::Message as _;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use shopctrl_amqp::{OutboxMessage, outbox_enqueue};
+use shopctrl_proto::v1 as pb;
+
+use super::{
+    AssignOutcome, ClaimOutcome, Claimed, RebuildStart, ReleaseMode, ReleaseOutcome, SlotEngine,
+    SlotError, SlotMetrics, UnassignedReason,
+};
+
+/// How an automatic claim came about (the assignment log's kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// On the customer's first message (assign on first message = on).
+    Auto,
+    /// On a flow's handover request.
+    Handover,
+    /// A waiting conversation claimed when capacity appeared.
+    Queue,
+}
+
+impl ClaimKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Handover => "handover",
+            Self::Queue => "queue",
+        }
+    }
+}
+
+/// The result of trying to assign a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    Assigned { employee_id: String },
+    Waiting { reason: UnassignedReason },
+    /// The conversation is not waiting for an employee (closed, awaiting a handover, or
+    /// assigned by someone else meanwhile).
+    NotWaiting { state: String },
+}
+
+/// What a handover request led to (the flow event that was queued says the same).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoverOutcome {
+    Assigned {
+        employee_id: String,
+    },
+    Waiting {
+        position: u32,
+        reason: UnassignedReason,
+    },
+}
+
+/// Settings of the slot service.
+#[derive(Debug, Clone)]
+pub struct SlotSettings {
+    /// Exchange flow events go to (`Names::flow_exchange()`), routing key `flow`.
+    pub flow_exchange: String,
+    /// How long a rebuild lease lasts.
+    pub rebuild_lease: Duration,
+    /// How long a caller waits for another replica's rebuild before giving up (transient).
+    pub rebuild_wait: Duration,
+}
+
+impl SlotSettings {
+    pub fn new(flow_exchange: impl Into<String>) -> Self {
+        Self {
+            flow_exchange: flow_exchange.into(),
+            rebuild_lease: Duration::from_secs(30),
+            rebuild_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One conversation as the slot logic sees it.
+#[derive(Debug, Clone)]
+struct Conv {
+    id: Uuid,
+    shop_id: String,
+    customer_id: String,
+    state: String,
+    assignee: Option<String>,
+    via_handover: bool,
+    unassigned_reason: Option<String>,
+    messagebird_conversation_id: String,
+    contact: pb::InboundContact,
+}
+
+const CLAIM_ATTEMPTS: usize = 4;
+const DRAIN_LIMIT: usize = 100_000;
+
+/// Slot assignment against PostgreSQL and Redis. Cheap to clone.
+#[derive(Clone)]
+pub struct SlotService {
+    pool: PgPool,
+    engine: SlotEngine,
+    settings: SlotSettings,
+    metrics: SlotMetrics,
+}
+
+impl SlotService {
+    pub fn new(
+        pool: PgPool,
+        engine: SlotEngine,
+        settings: SlotSettings,
+        metrics: SlotMetrics,
+    ) -> Self {
+        Self {
+            pool,
+            engine,
+            settings,
+            metrics,
+        }
+    }
+
+    pub fn engine(&self) -> &SlotEngine {
+        &self.engine
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn load(&self, id: Uuid) -> Result<Conv, SlotError> {
+        let row = sqlx::query(
+            "select c.shop_id, c.customer_id::text as customer_id, c.state,
+                    c.assignee_employee_id, c.via_handover, c.unassigned_reason,
+                    c.messagebird_conversation_id,
+                    coalesce(cu.msisdn, '') as msisdn,
+                    coalesce(cu.messagebird_contact_id, '') as contact_id,
+                    coalesce(cu.display_name, '') as contact_name
+             from conversations c left join customers cu on cu.customer_id = c.customer_id
+             where c.conversation_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(SlotError::NotFound(id))?;
+        Ok(Conv {
+            id,
+            shop_id: row.try_get("shop_id")?,
+            customer_id: row.try_get("customer_id")?,
+            state: row.try_get("state")?,
+            assignee: row.try_get("assignee_employee_id")?,
+            via_handover: row.try_get("via_handover")?,
+            unassigned_reason: row.try_get("unassigned_reason")?,
+            messagebird_conversation_id: row.try_get("messagebird_conversation_id")?,
+            contact: pb::InboundContact {
+                messagebird_contact_id: row.try_get("contact_id")?,
+                msisdn: row.try_get("msisdn")?,
+                display_name: row.try_get("contact_name")?,
+            },
+        })
+    }
+
+    // ----- configuration: PostgreSQL first (the rebuild reads it), then Redis -----
+
+    /// A shop's slot limit changed (or became known). Raising it drains the shop's queue;
+    /// lowering it takes nothing away.
+    pub async fn set_shop_slots(&self, shop_id: &str, slots: u32) -> Result<u32, SlotError> {
+        self.apply_slots(shop_id, slots).await?;
+        self.drain_shops(&[shop_id.to_owned()]).await
+    }
+
+    /// Writes a shop's slot limit (record, then Redis) without draining.
+    pub async fn apply_slots(&self, shop_id: &str, slots: u32) -> Result<(), SlotError> {
+        sqlx::query(
+            "insert into slot_shops (shop_id, slots) values ($1, $2)
+             on conflict (shop_id) do update set slots = excluded.slots, updated_at = now()",
+        )
+        .bind(shop_id)
+        .bind(slots as i32)
+        .execute(&self.pool)
+        .await?;
+        // `false` = Redis needs a rebuild, which reads the record just written.
+        self.engine.set_slots(shop_id, slots).await?;
+        Ok(())
+    }
+
+    /// The Chat permission at a shop was granted or withdrawn (a withdrawn role withdraws it
+    /// too). Granting drains the shop's queue; withdrawing first takes the employee out of the
+    /// candidates, then hands their open conversations of that shop back to the queue at their
+    /// original waiting time.
+    pub async fn set_permission(
+        &self,
+        shop_id: &str,
+        employee_id: &str,
+        display_name: &str,
+        allowed: bool,
+    ) -> Result<u32, SlotError> {
+        if allowed {
+            self.apply_grant(shop_id, employee_id, display_name).await?;
+            self.drain_shops(&[shop_id.to_owned()]).await
+        } else {
+            self.withdraw(shop_id, employee_id).await
+        }
+    }
+
+    /// Makes the employee a candidate of the shop (record, then Redis) without draining.
+    pub async fn apply_grant(
+        &self,
+        shop_id: &str,
+        employee_id: &str,
+        display_name: &str,
+    ) -> Result<(), SlotError> {
+        sqlx::query(
+            "insert into slot_candidates (shop_id, employee_id) values ($1, $2)
+             on conflict do nothing",
+        )
+        .bind(shop_id)
+        .bind(employee_id)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "insert into slot_display_names (employee_id, display_name) values ($1, $2)
+             on conflict (employee_id) do update set display_name = excluded.display_name
+             where slot_display_names.display_name <> excluded.display_name",
+        )
+        .bind(employee_id)
+        .bind(display_name)
+        .execute(&self.pool)
+        .await?;
+        self.engine.set_candidate(shop_id, employee_id, true).await?;
+        Ok(())
+    }
+
+    /// Presence as ShopCtrl reported it; coming back online drains the employee's shops.
+    pub async fn set_presence(&self, employee_id: &str, present: bool) -> Result<u32, SlotError> {
+        self.apply_presence(employee_id, present).await?;
+        // Draining also refreshes the shops' unassigned reasons (e.g. everyone away now).
+        self.drain_employee(employee_id).await
+    }
+
+    /// Writes presence (record, then Redis) without draining.
+    pub async fn apply_presence(&self, employee_id: &str, present: bool) -> Result<(), SlotError> {
+        if present {
+            sqlx::query("delete from slot_away where employee_id = $1")
+                .bind(employee_id)
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query("insert into slot_away (employee_id) values ($1) on conflict do nothing")
+                .bind(employee_id)
+                .execute(&self.pool)
+                .await?;
+        }
+        self.engine.set_present(employee_id, present).await?;
+        Ok(())
+    }
+
+    /// The employees the slot copy has as candidates of a shop.
+    pub async fn candidates(&self, shop_id: &str) -> Result<Vec<String>, SlotError> {
+        Ok(sqlx::query_scalar(
+            "select employee_id from slot_candidates where shop_id = $1 order by employee_id",
+        )
+        .bind(shop_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Withdraws the Chat permission (see [`SlotService::set_permission`]).
+    pub async fn withdraw_permission(
+        &self,
+        shop_id: &str,
+        employee_id: &str,
+    ) -> Result<u32, SlotError> {
+        self.withdraw(shop_id, employee_id).await
+    }
+
+    async fn withdraw(&self, shop_id: &str, employee_id: &str) -> Result<u32, SlotError> {
+        sqlx::query("delete from slot_candidates where shop_id = $1 and employee_id = $2")
+            .bind(shop_id)
+            .bind(employee_id)
+            .execute(&self.pool)
+            .await?;
+        // First out of the candidates, so no claim can pick them while we hand back.
+        self.engine
+            .set_candidate(shop_id, employee_id, false)
+            .await?;
+        let open: Vec<Uuid> = sqlx::query_scalar(
+            "select conversation_id from conversations
+             where shop_id = $1 and assignee_employee_id = $2 and state = 'assigned'
+             order by waiting_since, conversation_id",
+        )
+        .bind(shop_id)
+        .bind(employee_id)
+        .fetch_all(&self.pool)
+        .await?;
+        for id in open {
+            // waiting_since is kept: the conversation goes back at its original place.
+            let done = sqlx::query(
+                "update conversations
+                 set state = 'waiting_for_employee', assignee_employee_id = null,
+                     unassigned_reason = 'all_full'
+                 where conversation_id = $1 and assignee_employee_id = $2 and state = 'assigned'",
+            )
+            .bind(id)
+            .bind(employee_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if done == 1 {
+                self.released(id, shop_id, employee_id, "withdrawn").await?;
+            }
+        }
+        let mut n = self.drain_shops(&[shop_id.to_owned()]).await?;
+        n += self.drain_employee(employee_id).await?;
+        Ok(n)
+    }
+
+    /// Gives back the slot of a conversation that left `employee_id` and logs it.
+    async fn released(
+        &self,
+        id: Uuid,
+        shop_id: &str,
+        employee_id: &str,
+        kind: &str,
+    ) -> Result<(), SlotError> {
+        let open_after = match self
+            .engine
+            .release(&id.to_string(), Some(employee_id), ReleaseMode::Close)
+            .await?
+        {
+            ReleaseOutcome::Released { open_after, .. } => open_after as i32,
+            // Redis lost it (the rebuild reads PostgreSQL) or never had it: count from the record.
+            _ => self.open_count_pg(employee_id).await?,
+        };
+        sqlx::query(
+            "insert into assignment_log
+               (conversation_id, shop_id, employee_id, kind, open_count, shop_slots, epoch)
+             values ($1, $2, $3, $4, $5,
+                     coalesce((select slots from slot_shops where shop_id = $2), 0),
+                     (select epoch from slot_epoch where id = 1))",
+        )
+        .bind(id)
+        .bind(shop_id)
+        .bind(employee_id)
+        .bind(kind)
+        .bind(open_after)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn open_count_pg(&self, employee_id: &str) -> Result<i32, SlotError> {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from conversations
+             where assignee_employee_id = $1 and state = 'assigned'",
+        )
+        .bind(employee_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as i32)
+    }
+
+    // ----- assignment -----
+
+    /// Claims an employee for a conversation waiting for one; idempotent. Returns what the
+    /// conversation is now. The shop's waiting conversations get the reason when nobody is
+    /// available.
+    pub async fn assign_waiting(&self, id: Uuid, kind: ClaimKind) -> Result<Assignment, SlotError> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            let conv = self.load(id).await?;
+            if conv.state != "waiting_for_employee" {
+                return Ok(match (conv.state.as_str(), conv.assignee) {
+                    ("assigned", Some(employee_id)) => Assignment::Assigned { employee_id },
+                    (state, _) => Assignment::NotWaiting {
+                        state: state.to_owned(),
+                    },
+                });
+            }
+            let cid = id.to_string();
+            match self
+                .engine
+                .claim(&cid, &conv.shop_id, &conv.customer_id)
+                .await?
+            {
+                ClaimOutcome::Rebuild => self.ensure_rebuilt().await?,
+                ClaimOutcome::Unassigned { reason, .. } => {
+                    self.set_reason(&conv.shop_id, reason).await?;
+                    return Ok(Assignment::Waiting { reason });
+                }
+                ClaimOutcome::Existing {
+                    employee_id,
+                    pending,
+                    ..
+                } => {
+                    if pending {
+                        // Another attempt's claim; it commits or expires shortly.
+                        return Err(SlotError::Busy);
+                    }
+                    // Redis says committed. Either someone committed it since we read the
+                    // record (then the next round sees it assigned), or the record says
+                    // waiting (a hand-back or close whose release did not run yet): the
+                    // record wins.
+                    if self.load(id).await?.state == "waiting_for_employee" {
+                        self.engine
+                            .release(&cid, Some(&employee_id), ReleaseMode::Close)
+                            .await?;
+                    }
+                }
+                ClaimOutcome::Claimed(claim) => {
+                    match self
+                        .commit(&conv, &claim, kind.as_str(), false, None)
+                        .await?
+                    {
+                        Committed::Yes => {
+                            return Ok(Assignment::Assigned {
+                                employee_id: claim.employee_id,
+                            });
+                        }
+                        Committed::Fenced => self.ensure_rebuilt().await?,
+                        Committed::Lost => {}
+                    }
+                }
+            }
+        }
+        Err(SlotError::Rebuilding)
+    }
+
+    /// Records a pending claim in PostgreSQL (fenced on the epoch) and confirms it in Redis;
+    /// on failure gives the slot back.
+    async fn commit(
+        &self,
+        conv: &Conv,
+        claim: &Claimed,
+        kind: &str,
+        manual: bool,
+        previous: Option<&str>,
+    ) -> Result<Committed, SlotError> {
+        let cid = conv.id.to_string();
+        let employee = claim.employee_id.as_str();
+        let result = self
+            .commit_tx(conv, claim, kind, manual, previous.is_some())
+            .await;
+        match result {
+            Ok(Committed::Yes) => {
+                // If Redis lost its data meanwhile, the rebuild read this commit.
+                self.engine.confirm(&cid, employee, &conv.shop_id).await?;
+                if let Some(previous) = previous.filter(|p| *p != employee) {
+                    let open_after = self.open_count_redis(previous).await?;
+                    self.log_plain(conv, previous, "released", open_after, claim)
+                        .await?;
+                }
+                Ok(Committed::Yes)
+            }
+            Ok(other) => {
+                self.settle(conv, employee).await?;
+                Ok(other)
+            }
+            Err(error) => {
+                // Best effort: the pending marker expires anyway.
+                let _ = self.settle(conv, employee).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// After a commit that did not happen: the record decides whether the claim stays.
+    async fn settle(&self, conv: &Conv, employee: &str) -> Result<(), SlotError> {
+        let cid = conv.id.to_string();
+        let now: Option<(String, Option<String>)> = sqlx::query_as(
+            "select state, assignee_employee_id from conversations where conversation_id = $1",
+        )
+        .bind(conv.id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match now {
+            // Someone else committed the same employee: make sure Redis counts it.
+            Some((state, Some(assignee))) if state == "assigned" && assignee == employee => {
+                self.engine.confirm(&cid, employee, &conv.shop_id).await?;
+            }
+            _ => {
+                self.engine
+                    .release(&cid, Some(employee), ReleaseMode::Rollback)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit_tx(
+        &self,
+        conv: &Conv,
+        claim: &Claimed,
+        kind: &str,
+        manual: bool,
+        transfer: bool,
+    ) -> Result<Committed, SlotError> {
+        let mut tx = self.pool.begin().await?;
+        let epoch: i64 = sqlx::query_scalar("select epoch from slot_epoch where id = 1 for share")
+            .fetch_one(&mut *tx)
+            .await?;
+        if epoch != claim.epoch {
+            tx.rollback().await?;
+            return Ok(Committed::Fenced);
+        }
+        let states: &[&str] = if manual {
+            &["waiting_for_employee", "waiting_for_handover", "assigned"]
+        } else {
+            &["waiting_for_employee"]
+        };
+        let updated = sqlx::query(
+            "update conversations
+             set state = 'assigned', assignee_employee_id = $2, unassigned_reason = null
+             where conversation_id = $1 and state = any($3)
+               and assignee_employee_id is distinct from $2
+               and ($4 or assignee_employee_id is null)",
+        )
+        .bind(conv.id)
+        .bind(&claim.employee_id)
+        .bind(states)
+        .bind(transfer || !manual)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(Committed::Lost);
+        }
+        let over = claim.open_before >= claim.slots;
+        sqlx::query(
+            "insert into assignment_log
+               (conversation_id, shop_id, employee_id, kind, open_count, shop_slots, over_limit, epoch)
+             values ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(conv.id)
+        .bind(&conv.shop_id)
+        .bind(&claim.employee_id)
+        .bind(kind)
+        .bind(claim.open_before as i32)
+        .bind(claim.slots as i32)
+        .bind(over)
+        .bind(epoch)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "insert into slot_last_served (shop_id, customer_id, employee_id) values ($1, $2, $3)
+             on conflict (shop_id, customer_id)
+             do update set employee_id = excluded.employee_id, served_at = now()",
+        )
+        .bind(&conv.shop_id)
+        .bind(&conv.customer_id)
+        .bind(&claim.employee_id)
+        .execute(&mut *tx)
+        .await?;
+        if conv.via_handover {
+            let name = self.display_name(&mut tx, &claim.employee_id).await?;
+            let outcome = pb::flow_event::Outcome::Assigned(pb::FlowEmployeeAssigned {
+                employee_id: claim.employee_id.clone(),
+                display_name: name,
+                from_queue: kind != "handover",
+            });
+            self.flow_event(&mut tx, conv, outcome).await?;
+        }
+        tx.commit().await?;
+        Ok(Committed::Yes)
+    }
+
+    async fn log_plain(
+        &self,
+        conv: &Conv,
+        employee: &str,
+        kind: &str,
+        open_count: i32,
+        claim: &Claimed,
+    ) -> Result<(), SlotError> {
+        sqlx::query(
+            "insert into assignment_log
+               (conversation_id, shop_id, employee_id, kind, open_count, shop_slots, epoch)
+             values ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(conv.id)
+        .bind(&conv.shop_id)
+        .bind(employee)
+        .bind(kind)
+        .bind(open_count)
+        .bind(claim.slots as i32)
+        .bind(claim.epoch)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn open_count_redis(&self, employee: &str) -> Result<i32, SlotError> {
+        Ok(match self.engine.inspect(employee).await? {
+            Some(state) => (state.open.len() as u32 + state.live_pending) as i32,
+            None => self.open_count_pg(employee).await?,
+        })
+    }
+
+    async fn display_name(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        employee: &str,
+    ) -> Result<String, SlotError> {
+        let name: Option<String> = sqlx::query_scalar(
+            "select display_name from slot_display_names where employee_id = $1",
+        )
+        .bind(employee)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(name.unwrap_or_default())
+    }
+
+    async fn flow_event(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        conv: &Conv,
+        outcome: pb::flow_event::Outcome,
+    ) -> Result<(), SlotError> {
+        let event_id = Uuid::now_v7();
+        let now = chrono::Utc::now();
+        let event = pb::FlowEvent {
+            meta: Some(pb::EventMeta {
+                event_id: event_id.to_string(),
+                occurred_at: Some(prost_types::Timestamp {
+                    seconds: now.timestamp(),
+                    nanos: now.timestamp_subsec_nanos() as i32,
+                }),
+                producer: "routing".to_owned(),
+            }),
+            shop_id: conv.shop_id.clone(),
+            conversation_id: conv.id.to_string(),
+            messagebird_conversation_id: conv.messagebird_conversation_id.clone(),
+            contact: Some(conv.contact.clone()),
+            outcome: Some(outcome),
+        };
+        outbox_enqueue(
+            &mut **tx,
+            &OutboxMessage {
+                event_id,
+                exchange: self.settings.flow_exchange.clone(),
+                routing_key: "flow".to_owned(),
+                message_type: "shopctrl.messaging.v1.FlowEvent".to_owned(),
+                payload: event.encode_to_vec(),
+                headers: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every waiting conversation of the shop carries the same reason: availability is a
+    /// property of the shop, not of the conversation.
+    async fn set_reason(&self, shop_id: &str, reason: UnassignedReason) -> Result<(), SlotError> {
+        sqlx::query(
+            "update conversations set unassigned_reason = $2
+             where shop_id = $1 and state = 'waiting_for_employee'
+               and unassigned_reason is distinct from $2",
+        )
+        .bind(shop_id)
+        .bind(reason.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// 1-based position in the shop's queue (oldest first).
+    pub async fn queue_position(&self, id: Uuid) -> Result<u32, SlotError> {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from conversations w, conversations c
+             where c.conversation_id = $1 and w.shop_id = c.shop_id
+               and w.state = 'waiting_for_employee'
+               and (w.waiting_since, w.conversation_id) <= (c.waiting_since, c.conversation_id)",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u32)
+    }
+
+    /// A flow's handover request for an existing conversation (unknown ones are created as
+    /// waiting for the handover by the caller; closed ones resolved by the closed-conversation
+    /// setting first). The first request moves the conversation to the queue and claims;
+    /// repeated requests change nothing and only re-emit the current result as a flow event.
+    pub async fn handover(&self, id: Uuid) -> Result<HandoverOutcome, SlotError> {
+        let conv = self.load(id).await?;
+        match conv.state.as_str() {
+            "closed" => return Err(SlotError::Closed(id)),
+            "waiting_for_handover" => {
+                sqlx::query(
+                    "update conversations
+                     set state = 'waiting_for_employee', via_handover = true,
+                         waiting_since = coalesce(waiting_since, now()),
+                         unassigned_reason = null
+                     where conversation_id = $1 and state = 'waiting_for_handover'",
+                )
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                match self.assign_waiting(id, ClaimKind::Handover).await? {
+                    // The commit queued the "assigned" flow event.
+                    Assignment::Assigned { employee_id } => {
+                        return Ok(HandoverOutcome::Assigned { employee_id });
+                    }
+                    Assignment::Waiting { .. } | Assignment::NotWaiting { .. } => {}
+                }
+            }
+            _ => {
+                if !conv.via_handover {
+                    sqlx::query(
+                        "update conversations set via_handover = true where conversation_id = $1",
+                    )
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?;
+                }
+            }
+        }
+        self.emit_current(id).await
+    }
+
+    /// Queues a flow event with the conversation's current result.
+    async fn emit_current(&self, id: Uuid) -> Result<HandoverOutcome, SlotError> {
+        let conv = self.load(id).await?;
+        let mut tx = self.pool.begin().await?;
+        let (outcome, result) = match (conv.state.as_str(), &conv.assignee) {
+            ("assigned", Some(employee_id)) => {
+                let name = self.display_name(&mut tx, employee_id).await?;
+                (
+                    pb::flow_event::Outcome::Assigned(pb::FlowEmployeeAssigned {
+                        employee_id: employee_id.clone(),
+                        display_name: name,
+                        from_queue: false,
+                    }),
+                    HandoverOutcome::Assigned {
+                        employee_id: employee_id.clone(),
+                    },
+                )
+            }
+            ("closed", _) => return Err(SlotError::Closed(id)),
+            _ => {
+                let reason = conv
+                    .unassigned_reason
+                    .as_deref()
+                    .and_then(UnassignedReason::parse)
+                    .unwrap_or(UnassignedReason::AllFull);
+                let position = self.queue_position(id).await?;
+                (
+                    pb::flow_event::Outcome::Waiting(pb::FlowNoEmployeeAvailable {
+                        queue_position: position,
+                        reason: reason.to_proto() as i32,
+                    }),
+                    HandoverOutcome::Waiting { position, reason },
+                )
+            }
+        };
+        self.flow_event(&mut tx, &conv, outcome).await?;
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    /// Manual assignment or transfer through the agent API: to an employee with the Chat
+    /// permission at the shop, taking a slot atomically; over the limit only with `force`
+    /// (recorded as forced and counted).
+    pub async fn manual_assign(
+        &self,
+        id: Uuid,
+        employee_id: &str,
+        force: bool,
+    ) -> Result<(String, bool), SlotError> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            let conv = self.load(id).await?;
+            if conv.state == "closed" {
+                return Err(SlotError::Closed(id));
+            }
+            if conv.assignee.as_deref() == Some(employee_id) {
+                return Ok((employee_id.to_owned(), false));
+            }
+            let cid = id.to_string();
+            match self
+                .engine
+                .assign(&cid, &conv.shop_id, employee_id, force, &conv.customer_id)
+                .await?
+            {
+                AssignOutcome::Rebuild => self.ensure_rebuilt().await?,
+                AssignOutcome::NoPermission => return Err(SlotError::NoPermission),
+                AssignOutcome::Full { open, slots } => {
+                    return Err(SlotError::NoFreeSlot { open, slots });
+                }
+                AssignOutcome::Busy { .. } => return Err(SlotError::Busy),
+                AssignOutcome::Existing { .. } => {
+                    // Redis already has them as owner: either committed since we read the
+                    // record (the next round sees it), or the record disagrees and wins.
+                    if self.load(id).await?.assignee.as_deref() != Some(employee_id) {
+                        self.engine
+                            .release(&cid, Some(employee_id), ReleaseMode::Close)
+                            .await?;
+                    }
+                }
+                AssignOutcome::Claimed {
+                    claim,
+                    over_limit,
+                    previous,
+                } => {
+                    let kind = if over_limit { "forced" } else { "manual" };
+                    let previous = previous.or(conv.assignee.clone());
+                    match self
+                        .commit(&conv, &claim, kind, true, previous.as_deref())
+                        .await?
+                    {
+                        Committed::Yes => {
+                            if over_limit {
+                                self.metrics.forced.inc();
+                            }
+                            if let Some(previous) = previous.filter(|p| p != employee_id) {
+                                self.drain_employee(&previous).await?;
+                            }
+                            return Ok((claim.employee_id, over_limit));
+                        }
+                        Committed::Fenced => self.ensure_rebuilt().await?,
+                        Committed::Lost => {}
+                    }
+                }
+            }
+        }
+        Err(SlotError::Busy)
+    }
+
+    /// A conversation was closed in the record (by whoever closes it): its slot is given back
+    /// and the employee's queues drained.
+    pub async fn conversation_closed(&self, id: Uuid) -> Result<u32, SlotError> {
+        let row: Option<String> =
+            sqlx::query_scalar("select shop_id from conversations where conversation_id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(shop_id) = row else {
+            return Err(SlotError::NotFound(id));
+        };
+        match self
+            .engine
+            .release(&id.to_string(), None, ReleaseMode::Close)
+            .await?
+        {
+            ReleaseOutcome::Released {
+                employee_id,
+                open_after,
+            } => {
+                sqlx::query(
+                    "insert into assignment_log
+                       (conversation_id, shop_id, employee_id, kind, open_count, shop_slots, epoch)
+                     values ($1, $2, $3, 'closed', $4,
+                             coalesce((select slots from slot_shops where shop_id = $2), 0),
+                             (select epoch from slot_epoch where id = 1))",
+                )
+                .bind(id)
+                .bind(&shop_id)
+                .bind(&employee_id)
+                .bind(open_after as i32)
+                .execute(&self.pool)
+                .await?;
+                self.drain_employee(&employee_id).await
+            }
+            ReleaseOutcome::Rebuild => {
+                self.ensure_rebuilt().await?;
+                Ok(0)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// Capacity may have appeared for `employee_id` because the record took conversations
+    /// from them (closed, transferred): gives back the slots Redis still counts for
+    /// conversations the record no longer has assigned to them, then drains their queues.
+    /// Safe against claims in flight: pending claims are not in the committed set, and a
+    /// release only touches a conversation Redis has committed to this employee.
+    pub async fn employee_freed(&self, employee_id: &str) -> Result<u32, SlotError> {
+        let state = match self.engine.inspect(employee_id).await? {
+            Some(state) => state,
+            None => {
+                self.ensure_rebuilt().await?;
+                return self.drain_employee(employee_id).await;
+            }
+        };
+        let ids: Vec<Uuid> = state
+            .open
+            .iter()
+            .filter_map(|c| Uuid::parse_str(c).ok())
+            .collect();
+        if !ids.is_empty() {
+            let rows: Vec<(Uuid, String, String, Option<String>)> = sqlx::query_as(
+                "select conversation_id, shop_id, state, assignee_employee_id from conversations
+                 where conversation_id = any($1)",
+            )
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+            for (id, shop_id, state, assignee) in rows {
+                if assignee.as_deref() != Some(employee_id) {
+                    let kind = if state == "closed" { "closed" } else { "released" };
+                    self.released(id, &shop_id, employee_id, kind).await?;
+                }
+            }
+        }
+        self.drain_employee(employee_id).await
+    }
+
+    // ----- the waiting queue -----
+
+    /// Capacity may have appeared for `employee_id`: claims the waiting conversations of all
+    /// their shops, oldest first across those shops, until nothing more can be assigned.
+    pub async fn drain_employee(&self, employee_id: &str) -> Result<u32, SlotError> {
+        let shops: Vec<String> = sqlx::query_scalar(
+            "select shop_id from slot_candidates where employee_id = $1 order by shop_id",
+        )
+        .bind(employee_id)
+        .fetch_all(&self.pool)
+        .await?;
+        self.drain_shops(&shops).await
+    }
+
+    /// Claims the waiting conversations of these shops, oldest first across them. A shop whose
+    /// oldest conversation finds nobody is done: availability is the same for all its
+    /// conversations.
+    pub async fn drain_shops(&self, shops: &[String]) -> Result<u32, SlotError> {
+        let mut open: Vec<String> = shops.to_vec();
+        let mut skipped: Vec<Uuid> = Vec::new();
+        let mut assigned = 0;
+        for _ in 0..DRAIN_LIMIT {
+            if open.is_empty() {
+                break;
+            }
+            let next: Option<(Uuid, String)> = sqlx::query_as(
+                "select conversation_id, shop_id from conversations
+                 where shop_id = any($1) and state = 'waiting_for_employee'
+                   and conversation_id <> all($2)
+                 order by waiting_since, conversation_id limit 1",
+            )
+            .bind(&open)
+            .bind(&skipped)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some((id, shop)) = next else { break };
+            match self.assign_waiting(id, ClaimKind::Queue).await {
+                Ok(Assignment::Assigned { .. }) => assigned += 1,
+                Ok(Assignment::Waiting { .. }) => open.retain(|s| *s != shop),
+                Ok(Assignment::NotWaiting { .. }) => {}
+                // Another replica's claim on it is in flight: it is being taken care of.
+                Err(SlotError::Busy) => skipped.push(id),
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(assigned)
+    }
+
+    // ----- Redis is a cache of the record -----
+
+    /// Makes sure Redis holds the slot data: returns at once when it does, rebuilds it when we
+    /// get the lease, waits for another replica's rebuild otherwise.
+    pub async fn ensure_rebuilt(&self) -> Result<(), SlotError> {
+        let token = Uuid::new_v4().to_string();
+        let deadline = tokio::time::Instant::now() + self.settings.rebuild_wait;
+        loop {
+            match self
+                .engine
+                .rebuild_begin(&token, self.settings.rebuild_lease)
+                .await?
+            {
+                RebuildStart::Done => return Ok(()),
+                RebuildStart::Lease => match self.rebuild(&token).await {
+                    Ok(()) => {
+                        self.metrics.rebuilds.inc();
+                        return Ok(());
+                    }
+                    Err(SlotError::LeaseLost) => {}
+                    Err(error) => return Err(error),
+                },
+                RebuildStart::Busy => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SlotError::Rebuilding);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn rebuild(&self, token: &str) -> Result<(), SlotError> {
+        tracing::warn!("slot data missing in Redis: rebuilding it from PostgreSQL");
+        self.engine.clear_for_rebuild().await?;
+        let mut tx = self.pool.begin().await?;
+        // Waits for assignment commits in flight (they hold the row `for share`); later ones
+        // see the new epoch and are refused, so this read misses no commit.
+        let epoch: i64 =
+            sqlx::query_scalar("update slot_epoch set epoch = epoch + 1 where id = 1 returning epoch")
+                .fetch_one(&mut *tx)
+                .await?;
+        let shops: Vec<(String, i32)> = sqlx::query_as(
+            "select s.shop_id, coalesce(x.slots, 0)
+             from (select shop_id from slot_shops union select shop_id from slot_candidates) s
+             left join slot_shops x on x.shop_id = s.shop_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let candidates: Vec<(String, String)> =
+            sqlx::query_as("select shop_id, employee_id from slot_candidates order by shop_id")
+                .fetch_all(&mut *tx)
+                .await?;
+        let away: Vec<String> = sqlx::query_scalar("select employee_id from slot_away")
+            .fetch_all(&mut *tx)
+            .await?;
+        let open: Vec<(String, String, String)> = sqlx::query_as(
+            "select assignee_employee_id, conversation_id::text, shop_id from conversations
+             where state = 'assigned' and assignee_employee_id is not null
+             order by assignee_employee_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let last: Vec<(String, String, String)> = sqlx::query_as(
+            "select shop_id, customer_id, employee_id from slot_last_served order by shop_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        // The idle order: by each employee's latest claim or close in the log.
+        let idle: Vec<String> = sqlx::query_scalar(
+            "select employee_id from assignment_log
+             where kind in ('auto', 'handover', 'queue', 'manual', 'forced', 'closed', 'withdrawn')
+             group by employee_id order by max(assignment_id)",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+
+        for (shop, slots) in &shops {
+            let slots = slots.to_string();
+            let mut args: Vec<&str> = vec![shop, &slots];
+            args.extend(
+                candidates
+                    .iter()
+                    .filter(|(s, _)| s == shop)
+                    .map(|(_, e)| e.as_str()),
+            );
+            self.engine.rebuild_step(token, "shop", &args).await?;
+        }
+        for chunk in away.chunks(500) {
+            let args: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            self.engine.rebuild_step(token, "away", &args).await?;
+        }
+        for group in open.chunk_by(|a, b| a.0 == b.0) {
+            for chunk in group.chunks(250) {
+                let mut args: Vec<&str> = vec![&chunk[0].0];
+                for (_, conversation, shop) in chunk {
+                    args.push(conversation);
+                    args.push(shop);
+                }
+                self.engine.rebuild_step(token, "open", &args).await?;
+            }
+        }
+        for group in last.chunk_by(|a, b| a.0 == b.0) {
+            for chunk in group.chunks(250) {
+                let mut args: Vec<&str> = vec![&chunk[0].0];
+                for (_, customer, employee) in chunk {
+                    args.push(customer);
+                    args.push(employee);
+                }
+                self.engine.rebuild_step(token, "last", &args).await?;
+            }
+        }
+        let ranks: Vec<String> = (1..=idle.len()).map(|i| i.to_string()).collect();
+        for (employees, stamps) in idle.chunks(250).zip(ranks.chunks(250)) {
+            let mut args: Vec<&str> = Vec::new();
+            for (employee, stamp) in employees.iter().zip(stamps) {
+                args.push(employee);
+                args.push(stamp);
+            }
+            self.engine.rebuild_step(token, "idle", &args).await?;
+        }
+        self.engine
+            .rebuild_step(token, "finish", &[&epoch.to_string()])
+            .await?;
+        tracing::info!(epoch, "slot data rebuilt from PostgreSQL");
+        Ok(())
+    }
+
+    /// Compares each employee's committed conversations in Redis with the record and repairs
+    /// differences, skipping employees with claims in flight. Returns how many were repaired.
+    pub async fn check_drift(&self) -> Result<u32, SlotError> {
+        self.ensure_rebuilt().await?;
+        let employees: Vec<String> = sqlx::query_scalar(
+            "select assignee_employee_id from conversations
+             where state = 'assigned' and assignee_employee_id is not null
+             union select employee_id from slot_candidates
+             union select employee_id from assignment_log",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut repaired = 0;
+        for employee in employees {
+            // Redis first: a claim after this read changes the version and voids the repair.
+            let Some(state) = self.engine.inspect(&employee).await? else {
+                return Err(SlotError::Rebuilding);
+            };
+            if state.live_pending > 0 {
+                continue;
+            }
+            let record: Vec<(String, String)> = sqlx::query_as(
+                "select conversation_id::text, shop_id from conversations
+                 where state = 'assigned' and assignee_employee_id = $1",
+            )
+            .bind(&employee)
+            .fetch_all(&self.pool)
+            .await?;
+            let in_redis: HashSet<&str> = state.open.iter().map(String::as_str).collect();
+            let in_record: HashSet<&str> = record.iter().map(|(c, _)| c.as_str()).collect();
+            if in_redis == in_record {
+                continue;
+            }
+            if let Some((added, removed)) = self
+                .engine
+                .repair(&employee, &state.version, &record)
+                .await?
+            {
+                tracing::warn!(%employee, added, removed, "repaired slot drift");
+                self.metrics.repairs.inc();
+                repaired += 1;
+            }
+        }
+        Ok(repaired)
+    }
+
+    /// The periodic drift check (which also triggers a rebuild after a loss), until shutdown.
+    pub async fn run_maintenance(self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            if let Err(error) = self.check_drift().await {
+                tracing::warn!(%error, "slot drift check failed");
+            }
+        }
+    }
+}
+
+/// How a commit attempt ended.
+enum Committed {
+    Yes,
+    /// The claim came from an older Redis generation.
+    Fenced,
+    /// The conversation changed meanwhile (taken, closed).
+    Lost,
+}

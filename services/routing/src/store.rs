@@ -1,0 +1,632 @@
+//! The durable record in PostgreSQL: customers, conversations, messages, links, the 24-hour
+//! window clock and employee events, plus the conversions from rows to the API's messages.
+//! Every function takes the caller's connection or transaction, so one inbound event or API
+//! call is one transaction together with the outbox rows it produces.
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use prost::Message as _;
+use shopctrl_amqp::{Names, OutboxMessage, outbox_enqueue};
+use shopctrl_proto::v1::{
+    Channel, Conversation, ConversationState, Customer, Direction, EmployeeEvent, EmployeeRef,
+    Message, MessageStatus, Notification, UnassignedReason, employee_event,
+};
+use sqlx::{PgConnection, Row, postgres::PgRow};
+use uuid::Uuid;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("outbox error: {0}")]
+    Outbox(#[from] shopctrl_amqp::OutboxError),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(error) => is_transient(error),
+            StoreError::Outbox(shopctrl_amqp::OutboxError::Database(error)) => is_transient(error),
+            StoreError::Outbox(_) => false,
+        }
+    }
+}
+
+/// Whether a database error is infrastructure trouble (retry later) rather than something the
+/// statement or data did wrong.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 40001/40P01: serialization failure, deadlock;
+            // 53: insufficient resources; 57P0x: the server is shutting down or restarting.
+            code.starts_with("08")
+                || code == "40001"
+                || code == "40P01"
+                || code.starts_with("53")
+                || code.starts_with("57P")
+        }),
+        _ => false,
+    }
+}
+
+pub fn to_timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub fn from_timestamp(ts: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
+    let ts = ts?;
+    if ts.seconds <= 0 && ts.nanos <= 0 {
+        return None;
+    }
+    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).unwrap_or(0))
+}
+
+pub fn state_from_str(state: &str) -> ConversationState {
+    match state {
+        "waiting_for_handover" => ConversationState::WaitingForHandover,
+        "waiting_for_employee" => ConversationState::WaitingForEmployee,
+        "assigned" => ConversationState::Assigned,
+        "closed" => ConversationState::Closed,
+        _ => ConversationState::Unspecified,
+    }
+}
+
+pub fn reason_from_str(reason: Option<&str>) -> UnassignedReason {
+    match reason {
+        Some("slots_zero") => UnassignedReason::SlotsZero,
+        Some("no_permission") => UnassignedReason::NoPermission,
+        Some("all_full") => UnassignedReason::AllFull,
+        Some("all_away") => UnassignedReason::AllAway,
+        Some("awaiting_handover") => UnassignedReason::AwaitingHandover,
+        _ => UnassignedReason::Unspecified,
+    }
+}
+
+/// The preview shown in dialog lists.
+pub fn preview(text: &str, kind: &str, supported: bool) -> String {
+    let source = if supported && !text.is_empty() {
+        text.to_owned()
+    } else {
+        format!("[{kind}]")
+    };
+    source.chars().take(120).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paging
+
+/// A position in a list ordered by (time, tie-breaker) descending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub at: DateTime<Utc>,
+    pub tie: String,
+}
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(format!(
+            "{}|{}",
+            self.at.timestamp_micros(),
+            self.tie
+        ))
+    }
+
+    pub fn decode(token: &str) -> Option<Self> {
+        let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let (micros, tie) = raw.split_once('|')?;
+        Some(Self {
+            at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            tie: tie.to_owned(),
+        })
+    }
+}
+
+/// 1..=200, default 50.
+pub fn page_size(requested: u32) -> i64 {
+    match requested {
+        0 => 50,
+        n => i64::from(n.min(200)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversations as the API shows them
+
+const CONVERSATION_COLUMNS: &str = "
+    c.conversation_id, c.shop_id, c.messagebird_conversation_id, c.channel, c.channel_id,
+    c.state, c.assignee_employee_id, c.unassigned_reason, c.waiting_since, c.created_at,
+    c.last_activity_at, c.closed_at, c.last_message_preview,
+    cu.customer_id, cu.msisdn, cu.messagebird_contact_id, cu.display_name as customer_name,
+    am.display_name as assignee_name,
+    case when c.state = 'waiting_for_employee' then
+        (select count(*) from conversations w
+         where w.shop_id = c.shop_id and w.state = 'waiting_for_employee'
+           and (w.waiting_since, w.conversation_id) <= (c.waiting_since, c.conversation_id))
+    else 0 end as queue_position,
+    coalesce((select array_agg(l.target_id order by l.target_id) from conversation_links l
+              where l.conversation_id = c.conversation_id and l.kind = 'order'), '{}') as order_ids,
+    coalesce((select array_agg(l.target_id order by l.target_id) from conversation_links l
+              where l.conversation_id = c.conversation_id and l.kind = 'ticket'), '{}') as ticket_ids";
+
+const CONVERSATION_FROM: &str = "
+    from conversations c
+    join customers cu on cu.customer_id = c.customer_id
+    left join shop_members am on am.shop_id = c.shop_id and am.employee_id = c.assignee_employee_id";
+
+fn conversation_from_row(row: &PgRow) -> Result<Conversation, sqlx::Error> {
+    let state: String = row.try_get("state")?;
+    let reason: Option<String> = row.try_get("unassigned_reason")?;
+    let assignee: Option<String> = row.try_get("assignee_employee_id")?;
+    let assignee_name: Option<String> = row.try_get("assignee_name")?;
+    let state = state_from_str(&state);
+    let conversation_id: Uuid = row.try_get("conversation_id")?;
+    let customer_id: Uuid = row.try_get("customer_id")?;
+    let shop_id: String = row.try_get("shop_id")?;
+    Ok(Conversation {
+        conversation_id: conversation_id.to_string(),
+        shop_id: shop_id.clone(),
+        messagebird_conversation_id: row.try_get("messagebird_conversation_id")?,
+        channel: i32::from(row.try_get::<i16, _>("channel")?),
+        channel_id: row.try_get("channel_id")?,
+        customer: Some(Customer {
+            customer_id: customer_id.to_string(),
+            shop_id,
+            msisdn: row
+                .try_get::<Option<String>, _>("msisdn")?
+                .unwrap_or_default(),
+            messagebird_contact_id: row
+                .try_get::<Option<String>, _>("messagebird_contact_id")?
+                .unwrap_or_default(),
+            display_name: row.try_get("customer_name")?,
+        }),
+        state: state as i32,
+        assignee: assignee.map(|employee_id| EmployeeRef {
+            employee_id,
+            display_name: assignee_name.unwrap_or_default(),
+        }),
+        unassigned_reason: if matches!(
+            state,
+            ConversationState::WaitingForEmployee | ConversationState::WaitingForHandover
+        ) {
+            reason_from_str(reason.as_deref()) as i32
+        } else {
+            UnassignedReason::Unspecified as i32
+        },
+        waiting_since: row
+            .try_get::<Option<DateTime<Utc>>, _>("waiting_since")?
+            .map(to_timestamp),
+        created_at: Some(to_timestamp(row.try_get("created_at")?)),
+        last_activity_at: Some(to_timestamp(row.try_get("last_activity_at")?)),
+        closed_at: row
+            .try_get::<Option<DateTime<Utc>>, _>("closed_at")?
+            .map(to_timestamp),
+        order_ids: row.try_get("order_ids")?,
+        ticket_ids: row.try_get("ticket_ids")?,
+        last_message_preview: row.try_get("last_message_preview")?,
+        queue_position: u32::try_from(row.try_get::<i64, _>("queue_position")?).unwrap_or(0),
+    })
+}
+
+/// One conversation as the API shows it.
+pub async fn load_conversation(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+) -> Result<Option<Conversation>, sqlx::Error> {
+    let sql = format!("select {CONVERSATION_COLUMNS} {CONVERSATION_FROM} where c.conversation_id = $1");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(conversation_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(conversation_from_row).transpose()
+}
+
+/// Which conversations a dialog list shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialogScope<'a> {
+    Mine(&'a str),
+    Unassigned,
+    All,
+}
+
+/// A page of a shop's conversations, newest activity first.
+pub async fn list_dialogs(
+    conn: &mut PgConnection,
+    shop_id: &str,
+    scope: DialogScope<'_>,
+    cursor: Option<&Cursor>,
+    limit: i64,
+) -> Result<(Vec<Conversation>, Option<Cursor>), sqlx::Error> {
+    let filter = match scope {
+        DialogScope::Mine(_) => "and c.state = 'assigned' and c.assignee_employee_id = $4",
+        DialogScope::Unassigned => {
+            "and c.state in ('waiting_for_handover', 'waiting_for_employee') and $4::text is null"
+        }
+        DialogScope::All => "and $4::text is null",
+    };
+    let sql = format!(
+        "select {CONVERSATION_COLUMNS} {CONVERSATION_FROM}
+         where c.shop_id = $1 {filter}
+           and ($2::timestamptz is null or (c.last_activity_at, c.conversation_id) < ($2, $3::uuid))
+         order by c.last_activity_at desc, c.conversation_id desc
+         limit $5"
+    );
+    let (at, tie) = split_cursor(cursor);
+    let employee = match scope {
+        DialogScope::Mine(employee) => Some(employee.to_owned()),
+        _ => None,
+    };
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(shop_id)
+        .bind(at)
+        .bind(tie.and_then(|t| Uuid::parse_str(&t).ok()))
+        .bind(employee)
+        .bind(limit + 1)
+        .fetch_all(&mut *conn)
+        .await?;
+    page_of_conversations(rows, limit)
+}
+
+fn split_cursor(cursor: Option<&Cursor>) -> (Option<DateTime<Utc>>, Option<String>) {
+    match cursor {
+        Some(c) => (Some(c.at), Some(c.tie.clone())),
+        None => (None, None),
+    }
+}
+
+fn page_of_conversations(
+    rows: Vec<PgRow>,
+    limit: i64,
+) -> Result<(Vec<Conversation>, Option<Cursor>), sqlx::Error> {
+    let has_more = rows.len() as i64 > limit;
+    let mut conversations = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for row in rows.iter().take(usize::try_from(limit).unwrap_or(0)) {
+        conversations.push(conversation_from_row(row)?);
+        last = Some(Cursor {
+            at: row.try_get("last_activity_at")?,
+            tie: row.try_get::<Uuid, _>("conversation_id")?.to_string(),
+        });
+    }
+    Ok((conversations, if has_more { last } else { None }))
+}
+
+/// What linked history is looked up by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkTarget {
+    Customer(Uuid),
+    Order(String),
+    Ticket(String),
+}
+
+/// A page of a shop's conversations linked to a customer, order or ticket, newest first.
+pub async fn linked_conversations(
+    conn: &mut PgConnection,
+    shop_id: &str,
+    target: &LinkTarget,
+    cursor: Option<&Cursor>,
+    limit: i64,
+) -> Result<(Vec<Conversation>, Option<Cursor>), sqlx::Error> {
+    let (filter, kind, value) = match target {
+        LinkTarget::Customer(id) => ("c.customer_id::text = $4 and $5::text is null", None, id.to_string()),
+        LinkTarget::Order(id) => (
+            "exists (select 1 from conversation_links l where l.conversation_id = c.conversation_id
+                     and l.target_id = $4 and l.kind = $5)",
+            Some("order"),
+            id.clone(),
+        ),
+        LinkTarget::Ticket(id) => (
+            "exists (select 1 from conversation_links l where l.conversation_id = c.conversation_id
+                     and l.target_id = $4 and l.kind = $5)",
+            Some("ticket"),
+            id.clone(),
+        ),
+    };
+    let sql = format!(
+        "select {CONVERSATION_COLUMNS} {CONVERSATION_FROM}
+         where c.shop_id = $1 and {filter}
+           and ($2::timestamptz is null or (c.last_activity_at, c.conversation_id) < ($2, $3::uuid))
+         order by c.last_activity_at desc, c.conversation_id desc
+         limit $6"
+    );
+    let (at, tie) = split_cursor(cursor);
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(shop_id)
+        .bind(at)
+        .bind(tie.and_then(|t| Uuid::parse_str(&t).ok()))
+        .bind(value)
+        .bind(kind)
+        .bind(limit + 1)
+        .fetch_all(&mut *conn)
+        .await?;
+    page_of_conversations(rows, limit)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages as the API shows them
+
+const MESSAGE_COLUMNS: &str = "message_id, seq, conversation_id, messagebird_message_id, direction,
+    channel, type, text, supported, content_json, status, raw_status, sent_by_employee_id,
+    created_at, failure";
+
+fn message_from_row(row: &PgRow) -> Result<Message, sqlx::Error> {
+    Ok(Message {
+        message_id: row.try_get::<Uuid, _>("message_id")?.to_string(),
+        conversation_id: row
+            .try_get::<Option<Uuid>, _>("conversation_id")?
+            .map(|id| id.to_string())
+            .unwrap_or_default(),
+        messagebird_message_id: row
+            .try_get::<Option<String>, _>("messagebird_message_id")?
+            .unwrap_or_default(),
+        direction: i32::from(row.try_get::<i16, _>("direction")?),
+        channel: i32::from(row.try_get::<i16, _>("channel")?),
+        r#type: row.try_get("type")?,
+        text: row.try_get("text")?,
+        supported: row.try_get("supported")?,
+        content_json: row.try_get("content_json")?,
+        status: i32::from(row.try_get::<i16, _>("status")?),
+        raw_status: row.try_get("raw_status")?,
+        sent_by_employee_id: row
+            .try_get::<Option<String>, _>("sent_by_employee_id")?
+            .unwrap_or_default(),
+        created_at: Some(to_timestamp(row.try_get("created_at")?)),
+        failure: row.try_get::<Option<String>, _>("failure")?.unwrap_or_default(),
+    })
+}
+
+pub async fn load_message(
+    conn: &mut PgConnection,
+    message_id: Uuid,
+) -> Result<Option<Message>, sqlx::Error> {
+    let sql = format!("select {MESSAGE_COLUMNS} from messages where message_id = $1");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(message_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(message_from_row).transpose()
+}
+
+/// A page of a conversation's messages: the newest `limit` before the cursor, returned
+/// oldest first; the next page goes further back in time.
+pub async fn list_messages(
+    conn: &mut PgConnection,
+    conversation_id: Uuid,
+    cursor: Option<&Cursor>,
+    limit: i64,
+) -> Result<(Vec<Message>, Option<Cursor>), sqlx::Error> {
+    let sql = format!(
+        "select {MESSAGE_COLUMNS} from messages
+         where conversation_id = $1
+           and ($2::timestamptz is null or (created_at, seq) < ($2, $3::bigint))
+         order by created_at desc, seq desc
+         limit $4"
+    );
+    let (at, tie) = split_cursor(cursor);
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(conversation_id)
+        .bind(at)
+        .bind(tie.and_then(|t| t.parse::<i64>().ok()))
+        .bind(limit + 1)
+        .fetch_all(&mut *conn)
+        .await?;
+    let has_more = rows.len() as i64 > limit;
+    let mut messages = Vec::with_capacity(rows.len());
+    let mut last = None;
+    for row in rows.iter().take(usize::try_from(limit).unwrap_or(0)) {
+        messages.push(message_from_row(row)?);
+        last = Some(Cursor {
+            at: row.try_get("created_at")?,
+            tie: row.try_get::<i64, _>("seq")?.to_string(),
+        });
+    }
+    messages.reverse();
+    Ok((messages, if has_more { last } else { None }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Employee events and outbox
+
+/// Where events go.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    pub names: Names,
+}
+
+impl Sink {
+    /// Stores an event for one employee under their next sequence number and queues its
+    /// notification (exchange notify, routing key `employee.<id>`) in the same transaction.
+    pub async fn employee_event(
+        &self,
+        conn: &mut PgConnection,
+        employee_id: &str,
+        shop_id: &str,
+        event: employee_event::Event,
+    ) -> Result<u64, StoreError> {
+        let sequence: i64 = sqlx::query_scalar(
+            "insert into employee_sequences (employee_id, last_sequence) values ($1, 1)
+             on conflict (employee_id) do update
+                set last_sequence = employee_sequences.last_sequence + 1
+             returning last_sequence",
+        )
+        .bind(employee_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        let sequence = u64::try_from(sequence).unwrap_or(0);
+        let employee_event = EmployeeEvent {
+            sequence,
+            employee_id: employee_id.to_owned(),
+            occurred_at: Some(to_timestamp(Utc::now())),
+            event: Some(event),
+        };
+        let bytes = employee_event.encode_to_vec();
+        sqlx::query(
+            "insert into employee_events (employee_id, sequence, shop_id, event) values ($1, $2, $3, $4)",
+        )
+        .bind(employee_id)
+        .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
+        .bind(shop_id)
+        .bind(&bytes)
+        .execute(&mut *conn)
+        .await?;
+        self.notification(conn, shop_id, employee_id, sequence, bytes)
+            .await?;
+        Ok(sequence)
+    }
+
+    /// A shop-wide notice (routing key `shop.<id>`, sequence 0) for listeners of the shop.
+    pub async fn shop_notice(
+        &self,
+        conn: &mut PgConnection,
+        shop_id: &str,
+        event: employee_event::Event,
+    ) -> Result<(), StoreError> {
+        let bytes = EmployeeEvent {
+            sequence: 0,
+            employee_id: String::new(),
+            occurred_at: Some(to_timestamp(Utc::now())),
+            event: Some(event),
+        }
+        .encode_to_vec();
+        self.notification(conn, shop_id, "", 0, bytes).await
+    }
+
+    async fn notification(
+        &self,
+        conn: &mut PgConnection,
+        shop_id: &str,
+        employee_id: &str,
+        sequence: u64,
+        employee_event: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let event_id = Uuid::now_v7();
+        let notification = Notification {
+            meta: Some(meta(event_id)),
+            shop_id: shop_id.to_owned(),
+            employee_id: employee_id.to_owned(),
+            sequence,
+            employee_event,
+        };
+        let routing_key = if employee_id.is_empty() {
+            format!("shop.{shop_id}")
+        } else {
+            format!("employee.{employee_id}")
+        };
+        outbox_enqueue(
+            conn,
+            &OutboxMessage {
+                event_id,
+                exchange: self.names.notify_exchange(),
+                routing_key,
+                message_type: proto_type("Notification"),
+                payload: notification.encode_to_vec(),
+                headers: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Queues any event for publishing after commit.
+    pub async fn publish<M: prost::Message>(
+        &self,
+        conn: &mut PgConnection,
+        event_id: Uuid,
+        exchange: String,
+        routing_key: &str,
+        message_type: &str,
+        message: &M,
+    ) -> Result<(), StoreError> {
+        outbox_enqueue(
+            conn,
+            &OutboxMessage {
+                event_id,
+                exchange,
+                routing_key: routing_key.to_owned(),
+                message_type: proto_type(message_type),
+                payload: message.encode_to_vec(),
+                headers: Vec::new(),
+            },
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The AMQP `type` of one of our protobuf messages: its full proto name.
+pub fn proto_type(short_name: &str) -> String {
+    format!("shopctrl.messaging.v1.{short_name}")
+}
+
+pub fn meta(event_id: Uuid) -> shopctrl_proto::v1::EventMeta {
+    shopctrl_proto::v1::EventMeta {
+        event_id: event_id.to_string(),
+        occurred_at: Some(to_timestamp(Utc::now())),
+        producer: "routing".to_owned(),
+    }
+}
+
+/// Employees with the Chat permission at a shop (who hear shop-wide notices).
+pub async fn chat_members(conn: &mut PgConnection, shop_id: &str) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "select employee_id from shop_members where shop_id = $1 and chat_permission order by employee_id",
+    )
+    .bind(shop_id)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// Marks an event id as processed; false when it already was (a redelivery).
+pub async fn first_time(conn: &mut PgConnection, event_id: &str) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query("insert into processed_events (event_id) values ($1) on conflict do nothing")
+        .bind(event_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(inserted == 1)
+}
+
+pub fn channel_of(value: i32) -> Channel {
+    Channel::try_from(value).unwrap_or(Channel::Unspecified)
+}
+
+pub fn direction_of(value: i32) -> Direction {
+    Direction::try_from(value).unwrap_or(Direction::Unspecified)
+}
+
+pub fn status_of(value: i32) -> MessageStatus {
+    MessageStatus::try_from(value).unwrap_or(MessageStatus::Unspecified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let cursor = Cursor {
+            at: DateTime::from_timestamp_micros(1_700_000_000_123_456).unwrap_or_default(),
+            tie: "42".into(),
+        };
+        assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
+        assert_eq!(Cursor::decode("garbage!"), None);
+        assert_eq!(page_size(0), 50);
+        assert_eq!(page_size(1000), 200);
+    }
+
+    #[test]
+    fn previews_name_unsupported_types() {
+        assert_eq!(preview("hi", "text", true), "hi");
+        assert_eq!(preview("", "image", false), "[image]");
+    }
+}
