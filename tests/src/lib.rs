@@ -1,1 +1,9 @@
-//! placeholder
+//! The MessageBird simulator and end-to-end test support: webhooks signed exactly as
+//! MessageBird signs them, in every payload shape ingress must accept, and the MessageBird
+//! side that our services call.
+
+pub mod conversations_api;
+pub mod flow_receiver;
+pub mod load;
+pub mod signing;
+pub mod webhooks;
