@@ -240,6 +240,7 @@ impl Ingestor {
                     mb_conversation_id,
                     customer_id,
                     message,
+                    created_at,
                 )
                 .await?,
             )
@@ -410,6 +411,7 @@ impl Ingestor {
         mb_conversation_id: &str,
         customer_id: Uuid,
         message: &InboundMessage,
+        created_at: DateTime<Utc>,
     ) -> Result<Target, IngestError> {
         let open = sqlx::query(
             "select conversation_id, state, assignee_employee_id from conversations
@@ -463,8 +465,9 @@ impl Ingestor {
         let conversation_id = Uuid::now_v7();
         sqlx::query(
             "insert into conversations (conversation_id, shop_id, messagebird_conversation_id,
-                customer_id, channel, channel_id, platform, state, unassigned_reason, waiting_since)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
+                customer_id, channel, channel_id, platform, state, unassigned_reason, waiting_since,
+                last_activity_at)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10)",
         )
         .bind(conversation_id)
         .bind(&shop.shop_id)
@@ -475,6 +478,7 @@ impl Ingestor {
         .bind(&message.platform)
         .bind(state)
         .bind(reason)
+        .bind(created_at)
         .execute(&mut *conn)
         .await?;
         Ok(Target {
