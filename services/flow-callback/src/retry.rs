@@ -143,11 +143,11 @@ impl RetryPolicy {
             .unwrap_or(Duration::from_secs(1))
     }
 
-    /// Whether a message that still has `remaining` to wait should be tried now: parking it
-    /// again would overshoot by more than waiting would gain.
+    /// Whether a message that still has `remaining` to wait should be tried now. Never
+    /// early (a `Retry-After` is a promise); the price is overshooting by at most the
+    /// smallest tier.
     pub fn is_due(&self, remaining: Duration) -> bool {
-        let smallest = self.tiers.first().copied().unwrap_or_default();
-        remaining < smallest / 2
+        remaining.is_zero()
     }
 }
 
@@ -220,8 +220,8 @@ mod tests {
         assert_eq!(p.tier_for(ms(4999)), ms(1000));
         assert_eq!(p.tier_for(ms(7000)), ms(5000));
         assert_eq!(p.tier_for(ms(600_000)), ms(30_000));
-        assert!(p.is_due(ms(400)));
-        assert!(!p.is_due(ms(600)));
+        assert!(p.is_due(ms(0)));
+        assert!(!p.is_due(ms(1)));
     }
 
     #[test]
