@@ -19,7 +19,9 @@ use support::{OWNER, Stack, authed, eventually};
 fn assigned_to(employee: &str) -> impl Fn(&pb::Conversation) -> bool + '_ {
     move |c| {
         c.state == pb::ConversationState::Assigned as i32
-            && c.assignee.as_ref().is_some_and(|a| a.employee_id == employee)
+            && c.assignee
+                .as_ref()
+                .is_some_and(|a| a.employee_id == employee)
     }
 }
 
@@ -93,14 +95,20 @@ async fn slots_are_shared_across_shops_and_the_queue_drains_on_close() {
     stack
         .wait_conversation("shop-a", "ann", &a2.conversation_id, assigned_to("ann"))
         .await;
-    let mine_b = stack.dialogs("shop-b", "ann", DialogFilter::Mine).await.unwrap();
+    let mine_b = stack
+        .dialogs("shop-b", "ann", DialogFilter::Mine)
+        .await
+        .unwrap();
     assert_eq!(mine_b.len(), 1, "B gave ann nothing more: {mine_b:#?}");
     let unassigned_b = stack
         .dialogs("shop-b", "ann", DialogFilter::Unassigned)
         .await
         .unwrap();
     assert_eq!(unassigned_b.len(), 1);
-    assert_eq!(unassigned_b[0].messagebird_conversation_id, b2.conversation_id);
+    assert_eq!(
+        unassigned_b[0].messagebird_conversation_id,
+        b2.conversation_id
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +128,10 @@ async fn zero_slots_and_missing_permission_leave_conversations_unassigned_with_t
             waiting_because(pb::UnassignedReason::SlotsZero),
         )
         .await;
-    let unassigned = stack.dialogs("zero", "zed", DialogFilter::Unassigned).await.unwrap();
+    let unassigned = stack
+        .dialogs("zero", "zed", DialogFilter::Unassigned)
+        .await
+        .unwrap();
     assert_eq!(unassigned.len(), 1, "listed under Unassigned");
 
     let c2 = Conversation::new(Channel::WhatsApp, "31600000012");
@@ -163,43 +174,83 @@ async fn flow_handover_assigns_or_queues_and_tells_the_flow() {
         channel_id: c.channel_id.clone(),
         reason: "human please".into(),
     };
-    let (status, _) = call_handover(&stack.http, &stack.ingress_url, "flows", &shop.handover_secret, &handover(&c1))
-        .await
-        .unwrap();
+    let (status, _) = call_handover(
+        &stack.http,
+        &stack.ingress_url,
+        "flows",
+        &shop.handover_secret,
+        &handover(&c1),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     stack
         .wait_conversation("flows", "fay", &c1.conversation_id, assigned_to("fay"))
         .await;
     let calls = stack.flows.wait_for_calls(1, Duration::from_secs(20)).await;
-    assert_eq!(calls[0].field("event").as_deref(), Some("employee_assigned"));
+    assert_eq!(
+        calls[0].field("event").as_deref(),
+        Some("employee_assigned")
+    );
     assert_eq!(calls[0].field("employee_id").as_deref(), Some("fay"));
-    assert_eq!(calls[0].signature, Some(Ok(())), "signed with the shop's callback secret");
+    assert_eq!(
+        calls[0].signature,
+        Some(Ok(())),
+        "signed with the shop's callback secret"
+    );
 
     // A handover that finds fay full: the flow learns it waits, with its queue position.
     let c2 = Conversation::new(Channel::WhatsApp, "31600000022");
     stack.customer_says(&shop, &c2, "hi bot").await;
-    let (status, _) = call_handover(&stack.http, &stack.ingress_url, "flows", &shop.handover_secret, &handover(&c2))
-        .await
-        .unwrap();
+    let (status, _) = call_handover(
+        &stack.http,
+        &stack.ingress_url,
+        "flows",
+        &shop.handover_secret,
+        &handover(&c2),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     let calls = stack.flows.wait_for_calls(2, Duration::from_secs(20)).await;
-    assert_eq!(calls[1].field("event").as_deref(), Some("no_employee_available"));
+    assert_eq!(
+        calls[1].field("event").as_deref(),
+        Some("no_employee_available")
+    );
     assert_eq!(calls[1].field("queue_position").as_deref(), Some("1"));
 
     // The flow retries its step: state is unchanged, the current result is re-emitted.
-    call_handover(&stack.http, &stack.ingress_url, "flows", &shop.handover_secret, &handover(&c2))
+    call_handover(
+        &stack.http,
+        &stack.ingress_url,
+        "flows",
+        &shop.handover_secret,
+        &handover(&c2),
+    )
+    .await
+    .unwrap();
+    let calls = stack.flows.wait_for_calls(3, Duration::from_secs(20)).await;
+    assert_eq!(
+        calls[2].field("event").as_deref(),
+        Some("no_employee_available")
+    );
+    let mine = stack
+        .dialogs("flows", "fay", DialogFilter::Mine)
         .await
         .unwrap();
-    let calls = stack.flows.wait_for_calls(3, Duration::from_secs(20)).await;
-    assert_eq!(calls[2].field("event").as_deref(), Some("no_employee_available"));
-    let mine = stack.dialogs("flows", "fay", DialogFilter::Mine).await.unwrap();
     assert_eq!(mine.len(), 1);
 
     // A handover that overtook the customer's message creates the conversation.
     let early = Conversation::new(Channel::WhatsApp, "31600000023");
-    call_handover(&stack.http, &stack.ingress_url, "flows", &shop.handover_secret, &handover(&early))
-        .await
-        .unwrap();
+    call_handover(
+        &stack.http,
+        &stack.ingress_url,
+        "flows",
+        &shop.handover_secret,
+        &handover(&early),
+    )
+    .await
+    .unwrap();
     stack
         .wait_conversation("flows", "fay", &early.conversation_id, |c| {
             c.state == pb::ConversationState::WaitingForEmployee as i32
@@ -207,13 +258,21 @@ async fn flow_handover_assigns_or_queues_and_tells_the_flow() {
         .await;
 
     // Wrong secret: refused, nothing published.
-    let (status, _) = call_handover(&stack.http, &stack.ingress_url, "flows", "not-the-secret", &handover(&c2))
-        .await
-        .unwrap();
+    let (status, _) = call_handover(
+        &stack.http,
+        &stack.ingress_url,
+        "flows",
+        "not-the-secret",
+        &handover(&c2),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 401);
 
     // fay closes: the oldest waiting conversation is hers, and the flow is told.
-    let first = stack.wait_conversation("flows", "fay", &c1.conversation_id, |_| true).await;
+    let first = stack
+        .wait_conversation("flows", "fay", &c1.conversation_id, |_| true)
+        .await;
     close(&stack, &first.conversation_id, "fay").await;
     stack
         .wait_conversation("flows", "fay", &c2.conversation_id, assigned_to("fay"))
@@ -246,11 +305,20 @@ async fn closed_conversations_reopen_or_start_anew_per_setting() {
             })
             .await;
         if new_on_closed {
-            assert_ne!(again.conversation_id, first.conversation_id, "a new conversation");
-            let all = stack.dialogs(&shop.id, agent, DialogFilter::All).await.unwrap();
+            assert_ne!(
+                again.conversation_id, first.conversation_id,
+                "a new conversation"
+            );
+            let all = stack
+                .dialogs(&shop.id, agent, DialogFilter::All)
+                .await
+                .unwrap();
             assert_eq!(all.len(), 2);
         } else {
-            assert_eq!(again.conversation_id, first.conversation_id, "the closed one reopened");
+            assert_eq!(
+                again.conversation_id, first.conversation_id,
+                "the closed one reopened"
+            );
         }
         // Either way the customer is the same, recognised by phone number.
         assert_eq!(
@@ -288,7 +356,10 @@ async fn unsupported_types_notify_and_linked_history_needs_only_a_role() {
         .await;
     let mut routing = stack.routing_client().await;
     let mut events = routing
-        .subscribe_events(authed(pb::SubscribeEventsRequest { after_sequence: 0 }, "uma"))
+        .subscribe_events(authed(
+            pb::SubscribeEventsRequest { after_sequence: 0 },
+            "uma",
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -297,7 +368,10 @@ async fn unsupported_types_notify_and_linked_history_needs_only_a_role() {
         caption: "broken".into(),
     };
     let status = stack
-        .send_webhook(&shop, &c.inbound(&uuid::Uuid::new_v4().simple().to_string(), &image))
+        .send_webhook(
+            &shop,
+            &c.inbound(&uuid::Uuid::new_v4().simple().to_string(), &image),
+        )
         .await;
     assert_eq!(status, 200);
     let notice = tokio::time::timeout(Duration::from_secs(20), async {
@@ -345,7 +419,10 @@ async fn unsupported_types_notify_and_linked_history_needs_only_a_role() {
         ))
         .await
         .unwrap();
-    let denied = stack.dialogs("media", "vic", DialogFilter::All).await.unwrap_err();
+    let denied = stack
+        .dialogs("media", "vic", DialogFilter::All)
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     for target in [
         pb::history_link::Target::OrderId("order-7".into()),
@@ -355,7 +432,9 @@ async fn unsupported_types_notify_and_linked_history_needs_only_a_role() {
             .get_linked_history(authed(
                 pb::GetLinkedHistoryRequest {
                     shop_id: "media".into(),
-                    link: Some(pb::HistoryLink { target: Some(target) }),
+                    link: Some(pb::HistoryLink {
+                        target: Some(target),
+                    }),
                     page: None,
                 },
                 "vic",
@@ -405,7 +484,12 @@ async fn replies_use_text_inside_the_window_and_the_template_outside() {
 
     for (conversation, expected) in [(&recent, "text"), (&old, "hsm")] {
         let record = stack
-            .wait_conversation("replies", "rex", &conversation.conversation_id, assigned_to("rex"))
+            .wait_conversation(
+                "replies",
+                "rex",
+                &conversation.conversation_id,
+                assigned_to("rex"),
+            )
             .await;
         let before = stack.api.requests().len();
         routing
@@ -425,7 +509,10 @@ async fn replies_use_text_inside_the_window_and_the_template_outside() {
         .await
         .expect("flow-callback sent the reply to MessageBird");
         assert_eq!(sent.body["type"], expected, "{:#}", sent.body);
-        assert_eq!(sent.access_key.as_deref(), Some("live_access_key_replies_0123456789"));
+        assert_eq!(
+            sent.access_key.as_deref(),
+            Some("live_access_key_replies_0123456789")
+        );
         if expected == "hsm" {
             assert_eq!(sent.body["content"]["hsm"]["templateName"], "agent_reply");
         }
@@ -462,6 +549,9 @@ async fn withdrawing_a_role_hands_conversations_back_to_the_queue() {
         .await;
     assert_eq!(after.conversation_id, before.conversation_id);
     assert_eq!(after.waiting_since, before.waiting_since);
-    let denied = stack.dialogs("withdraw", "wes", DialogFilter::Mine).await.unwrap_err();
+    let denied = stack
+        .dialogs("withdraw", "wes", DialogFilter::Mine)
+        .await
+        .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 }

@@ -219,11 +219,7 @@ where
     }
 }
 
-use shopctrl_e2e::{
-    conversations_api::ConversationsApi,
-    flow_receiver::FlowReceiver,
-    webhooks,
-};
+use shopctrl_e2e::{conversations_api::ConversationsApi, flow_receiver::FlowReceiver, webhooks};
 use shopctrl_proto::v1::{
     self as pb, config_service_client::ConfigServiceClient,
     conversation_service_client::ConversationServiceClient,
@@ -260,6 +256,15 @@ pub fn authed<T>(message: T, employee: &str) -> Request<T> {
     request
 }
 
+/// Extra settings for a stack.
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// Added to every service's environment.
+    pub env: Vec<(String, String)>,
+    /// Added to routing's environment only (e.g. URLs through a TCP proxy).
+    pub routing_env: Vec<(String, String)>,
+}
+
 /// A shop as the tests set it up.
 #[derive(Debug, Clone)]
 pub struct TestShop {
@@ -273,27 +278,49 @@ pub const OWNER: &str = "owner";
 
 impl Stack {
     pub async fn start() -> Self {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> Self {
         let backends = Backends::create().await;
-        let api = ConversationsApi::start().await.expect("simulated MessageBird API");
-        let flows = FlowReceiver::start().await.expect("simulated flow receiver");
+        let api = ConversationsApi::start()
+            .await
+            .expect("simulated MessageBird API");
+        let flows = FlowReceiver::start()
+            .await
+            .expect("simulated flow receiver");
         let shards = 2;
         let mut env = backends.common_env(shards);
         env.insert("ALLOW_HTTP_WEBHOOK_URLS".into(), "true".into());
         env.insert("SECRETS_ENCRYPTION_KEYS".into(), ENCRYPTION_KEYS.into());
         env.insert("SSRF_ALLOW_CIDRS".into(), "127.0.0.0/8".into());
+        for (k, v) in &options.env {
+            env.insert(k.clone(), v.clone());
+        }
 
         let config_port = free_port();
         let config_grpc = format!("http://127.0.0.1:{config_port}");
         let mut config_env = env.clone();
-        config_env.insert("GRPC_LISTEN_ADDR".into(), format!("127.0.0.1:{config_port}"));
-        let config = backends.spawn("config", &["serve"], &config_env, free_port()).await;
+        config_env.insert(
+            "GRPC_LISTEN_ADDR".into(),
+            format!("127.0.0.1:{config_port}"),
+        );
+        let config = backends
+            .spawn("config", &["serve"], &config_env, free_port())
+            .await;
 
         let routing_port = free_port();
         let routing_grpc = format!("http://127.0.0.1:{routing_port}");
         let mut routing_env = env.clone();
-        routing_env.insert("GRPC_LISTEN_ADDR".into(), format!("127.0.0.1:{routing_port}"));
+        routing_env.insert(
+            "GRPC_LISTEN_ADDR".into(),
+            format!("127.0.0.1:{routing_port}"),
+        );
         routing_env.insert("CONFIG_GRPC_URL".into(), config_grpc.clone());
         routing_env.insert("CONFIG_SERVICE_TOKEN".into(), ROUTING_TOKEN.into());
+        for (k, v) in &options.routing_env {
+            routing_env.insert(k.clone(), v.clone());
+        }
         let routing_ops_port = free_port();
         let routing = backends
             .spawn("routing", &["serve"], &routing_env, routing_ops_port)
@@ -302,11 +329,16 @@ impl Stack {
         let ingress_port = free_port();
         let ingress_url = format!("http://127.0.0.1:{ingress_port}");
         let mut ingress_env = env.clone();
-        ingress_env.insert("HTTP_LISTEN_ADDR".into(), format!("127.0.0.1:{ingress_port}"));
+        ingress_env.insert(
+            "HTTP_LISTEN_ADDR".into(),
+            format!("127.0.0.1:{ingress_port}"),
+        );
         ingress_env.insert("PUBLIC_BASE_URL".into(), ingress_url.clone());
         ingress_env.insert("CONFIG_GRPC_URL".into(), config_grpc.clone());
         ingress_env.insert("CONFIG_SERVICE_TOKEN".into(), INGRESS_TOKEN.into());
-        let ingress = backends.spawn("ingress", &["serve"], &ingress_env, free_port()).await;
+        let ingress = backends
+            .spawn("ingress", &["serve"], &ingress_env, free_port())
+            .await;
 
         let mut callback_env = env.clone();
         callback_env.insert("CONFIG_GRPC_URL".into(), config_grpc.clone());
@@ -333,12 +365,34 @@ impl Stack {
         }
     }
 
+    /// Restarts routing (gracefully) with extra environment, e.g. backends behind proxies.
+    pub async fn set_routing_env(&mut self, extra: Vec<(String, String)>) {
+        for (k, v) in extra {
+            self.routing_env.insert(k, v);
+        }
+        let _ = self.routing.terminate(Duration::from_secs(10)).await;
+        self.routing = self
+            .backends
+            .spawn(
+                "routing",
+                &["serve"],
+                &self.routing_env,
+                self.routing_ops_port,
+            )
+            .await;
+    }
+
     /// Kills routing with SIGKILL and starts it again (same settings).
     pub async fn restart_routing_hard(&mut self) {
         self.routing.kill().await;
         self.routing = self
             .backends
-            .spawn("routing", &["serve"], &self.routing_env, self.routing_ops_port)
+            .spawn(
+                "routing",
+                &["serve"],
+                &self.routing_env,
+                self.routing_ops_port,
+            )
             .await;
     }
 
@@ -355,8 +409,14 @@ impl Stack {
     }
 
     /// Creates a shop with settings, an owner, and secrets; returns what tests need.
-    pub async fn create_shop(&self, shop_id: &str, slots: u32, assign_on_first_message: bool) -> TestShop {
-        self.create_shop_with(shop_id, slots, assign_on_first_message, true).await
+    pub async fn create_shop(
+        &self,
+        shop_id: &str,
+        slots: u32,
+        assign_on_first_message: bool,
+    ) -> TestShop {
+        self.create_shop_with(shop_id, slots, assign_on_first_message, true)
+            .await
     }
 
     pub async fn create_shop_with(
@@ -391,7 +451,9 @@ impl Stack {
                     assign_on_first_message: Some(assign_on_first_message),
                     event_webhook_url: Some(self.flows.url(shop_id)),
                     whatsapp_template_name: Some("agent_reply".into()),
-                    whatsapp_template_namespace: Some("20332cd4_f095_b080_d255_35677159aaff".into()),
+                    whatsapp_template_namespace: Some(
+                        "20332cd4_f095_b080_d255_35677159aaff".into(),
+                    ),
                     whatsapp_template_language: Some("en".into()),
                     new_conversation_on_closed: Some(new_conversation_on_closed),
                     conversation_slots: Some(slots),
@@ -402,13 +464,23 @@ impl Stack {
             .await
             .expect("shop settings");
         let handover_secret = config
-            .rotate_handover_secret(authed(pb::RotateSecretRequest { shop_id: shop_id.into() }, OWNER))
+            .rotate_handover_secret(authed(
+                pb::RotateSecretRequest {
+                    shop_id: shop_id.into(),
+                },
+                OWNER,
+            ))
             .await
             .expect("handover secret")
             .into_inner()
             .secret;
         let callback_secret = config
-            .rotate_callback_secret(authed(pb::RotateSecretRequest { shop_id: shop_id.into() }, OWNER))
+            .rotate_callback_secret(authed(
+                pb::RotateSecretRequest {
+                    shop_id: shop_id.into(),
+                },
+                OWNER,
+            ))
             .await
             .expect("callback secret")
             .into_inner()
@@ -462,7 +534,12 @@ impl Stack {
         for (name, value) in &signed.headers {
             request = request.header(name, value);
         }
-        request.send().await.expect("ingress answers").status().as_u16()
+        request
+            .send()
+            .await
+            .expect("ingress answers")
+            .status()
+            .as_u16()
     }
 
     /// A customer message; returns the MessageBird message id used.
@@ -474,7 +551,10 @@ impl Stack {
     ) -> String {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let status = self
-            .send_webhook(shop, &conversation.inbound(&id, &webhooks::Content::Text(text.into())))
+            .send_webhook(
+                shop,
+                &conversation.inbound(&id, &webhooks::Content::Text(text.into())),
+            )
             .await;
         assert_eq!(status, 200, "ingress accepts a genuine webhook");
         id
@@ -492,7 +572,10 @@ impl Stack {
                 pb::ListDialogsRequest {
                     shop_id: shop.into(),
                     filter: filter as i32,
-                    page: Some(pb::PageRequest { page_size: 200, page_token: String::new() }),
+                    page: Some(pb::PageRequest {
+                        page_size: 200,
+                        page_token: String::new(),
+                    }),
                 },
                 viewer,
             ))
