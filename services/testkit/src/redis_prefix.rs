@@ -36,7 +36,6 @@ impl TestRedis {
 
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url.as_str())
-            .and_then(|c| Ok(c))
             .unwrap_or_else(|e| panic!("invalid Redis URL: {e}"))
             .get_multiplexed_async_connection()
             .await
