@@ -9,6 +9,8 @@ use shopctrl_proto::v1::{
 };
 use tonic::Code;
 
+use shopctrl_testkit::TcpProxy;
+
 use crate::support::{OWNER, SHOP, SHOPCTRL, TestResult, TestService, as_owner, call};
 
 #[tokio::test]
@@ -153,5 +155,86 @@ async fn changes_are_announced_after_commit_and_refusals_are_not() -> TestResult
         .fetch_one(&mut conn)
         .await?;
     assert_eq!(pending, 0, "the relay deletes what it published");
+    Ok(())
+}
+
+/// The outbox at work: a change made while RabbitMQ is unreachable commits, and its event is
+/// published once the broker is back. Readiness reports the outage meanwhile.
+#[tokio::test]
+async fn changes_made_while_the_broker_is_down_are_published_when_it_returns() -> TestResult {
+    let broker = url::Url::parse(&shopctrl_testkit::amqp_url())?;
+    let target = format!(
+        "{}:{}",
+        broker.host_str().unwrap_or("127.0.0.1"),
+        broker.port().unwrap_or(5672)
+    );
+    let proxy = TcpProxy::start(&target).await;
+    let mut through_proxy = broker.clone();
+    through_proxy.set_host(Some("127.0.0.1"))?;
+    let _ = through_proxy.set_port(Some(proxy.addr().port()));
+    let service = TestService::start_with(|s| {
+        s.amqp_url = shopctrl_config::Redacted::new(through_proxy.as_str());
+    })
+    .await;
+    let mut tap = service.tap().await;
+    service
+        .grant_role(SHOP, OWNER, shopctrl_proto::v1::Role::ShopOwnerAdmin)
+        .await;
+    tap.next().await;
+    // The relay deletes a row only after the broker's confirm, which may trail the delivery.
+    let mut conn = service.db.connection().await;
+    for _ in 0..100 {
+        let pending: i64 = sqlx::query_scalar("select count(*) from config.outbox")
+            .fetch_one(&mut conn)
+            .await?;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    proxy.cut();
+    let updated = service
+        .admin()
+        .update_shop_settings(as_owner(UpdateShopSettingsRequest {
+            shop_id: SHOP.into(),
+            expected_version: 0,
+            conversation_slots: Some(2),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(
+        updated.version, 1,
+        "the change commits while the broker is away"
+    );
+    let mut not_ready = false;
+    for _ in 0..40 {
+        if service.ops_get("/readyz").await.0 == 503 {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(not_ready, "readiness must report the broker outage");
+    let pending: i64 = sqlx::query_scalar("select count(*) from config.outbox")
+        .fetch_one(&mut conn)
+        .await?;
+    assert_eq!(pending, 1, "the event waits in the outbox");
+    tap.assert_quiet(Duration::from_millis(500)).await;
+
+    proxy.restore();
+    let (event, _, _) = tap.next().await;
+    assert_eq!(event.version, 1);
+    assert!(matches!(event.change, Some(Change::Settings(ref s)) if s.conversation_slots == 2));
+    let mut ready = false;
+    for _ in 0..40 {
+        if service.ops_get("/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(ready, "readiness recovers with the broker");
     Ok(())
 }

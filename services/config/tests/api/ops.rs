@@ -60,6 +60,29 @@ async fn health_and_reflection_answer() -> TestResult {
     names.sort();
     assert_eq!(names, EXPECTED_SERVICES);
 
+    // The error-detail types resolve too, so grpcurl prints BadRequest violations decoded.
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "google.rpc.BadRequest".into(),
+            ),
+        ),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await?
+        .into_inner();
+    let response = responses.message().await?.expect("a v1 reflection answer");
+    assert!(
+        matches!(
+            response.message_response,
+            Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{:?}",
+        response.message_response
+    );
+
     let mut alpha =
         v1alpha::server_reflection_client::ServerReflectionClient::new(service.channel());
     let request = v1alpha::ServerReflectionRequest {

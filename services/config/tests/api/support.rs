@@ -280,11 +280,11 @@ impl EventTap {
         }
     }
 
-    /// The next event (decoded) with its AMQP type and message id; panics after 10 s.
+    /// The next event (decoded) with its AMQP type and message id; panics after 20 s.
     pub async fn next(&mut self) -> (ConfigChanged, String, String) {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), self.consumer.next())
+        let delivery = tokio::time::timeout(Duration::from_secs(20), self.consumer.next())
             .await
-            .unwrap_or_else(|_| panic!("no ConfigChanged event within 10 s"))
+            .unwrap_or_else(|_| panic!("no ConfigChanged event within 20 s"))
             .unwrap_or_else(|| panic!("consumer closed"))
             .unwrap_or_else(|e| panic!("delivery failed: {e}"));
         let event = ConfigChanged::decode(delivery.data.as_slice())
