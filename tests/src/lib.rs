@@ -3,6 +3,7 @@
 //! side that our services call.
 
 pub mod conversations_api;
+pub mod demo;
 pub mod flow_receiver;
 pub mod load;
 pub mod signing;

@@ -18,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Seed shops and employees, play a scenario against a running stack and show it live
+    /// (what `make run` runs).
+    Demo(shopctrl_e2e::demo::DemoArgs),
     /// Send one signed webhook (an inbound message) to ingress.
     Send {
         /// Where ingress listens.
@@ -66,6 +69,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Demo(args) => shopctrl_e2e::demo::run(args).await?,
         Command::Send {
             ingress_url,
             public_base,

@@ -305,7 +305,7 @@ async fn close_now_and_then(routing_grpc: String, stop: tokio_util_like::Stop) {
             };
             if let Some(first) = mine.into_inner().conversations.first() {
                 n += 1;
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     let _ = routing
                         .close_conversation(authed(
                             pb::CloseConversationRequest {
