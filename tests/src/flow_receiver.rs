@@ -304,6 +304,7 @@ pub async fn call_handover(
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -14,8 +14,8 @@ use std::{
 };
 
 use lapin::{Channel, ExchangeKind};
-use prost::Message;
 use prometheus_client::registry::Registry;
+use prost::Message;
 use shopctrl_amqp::{
     ConsumerConfig, Handled, Names, PublishError, Publisher, QueueSpec, TopologyError,
     declare_exchange, declare_queue, run_consumer,
@@ -152,7 +152,10 @@ impl App {
             .unwrap_or_else(|| Arc::new(SystemResolver) as Arc<dyn Resolver>);
         let http_timeout = Duration::from_millis(settings.http_timeout_ms);
         let connect_timeout = Duration::from_millis(settings.http_connect_timeout_ms);
-        let user_agent = concat!("ShopCtrl-Messaging-flow-callback/", env!("CARGO_PKG_VERSION"));
+        let user_agent = concat!(
+            "ShopCtrl-Messaging-flow-callback/",
+            env!("CARGO_PKG_VERSION")
+        );
         let webhook_client = reqwest::Client::builder()
             .dns_resolver(GuardedResolver::new(resolver, ssrf.clone()))
             .https_only(!ssrf.allow_http)
@@ -343,7 +346,9 @@ impl App {
         // Stops result publishing retries that would otherwise outlive the grace period.
         worker_shutdown.cancel();
         if !drained {
-            tracing::warn!("some deliveries were still running at the end of the grace period; their messages return to the queue");
+            tracing::warn!(
+                "some deliveries were still running at the end of the grace period; their messages return to the queue"
+            );
         }
         ops_stop.cancel();
         match ops_task.await {

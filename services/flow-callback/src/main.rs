@@ -17,7 +17,9 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!("CONFIG_SERVICE_TOKEN is the development default; set a real token");
             }
             if settings.allow_http_webhook_urls {
-                tracing::warn!("ALLOW_HTTP_WEBHOOK_URLS is on: event webhooks may use plain http (development only)");
+                tracing::warn!(
+                    "ALLOW_HTTP_WEBHOOK_URLS is on: event webhooks may use plain http (development only)"
+                );
             }
             let shutdown = shopctrl_runtime::shutdown_on_signal();
             let app = App::build(settings, Deps::default())

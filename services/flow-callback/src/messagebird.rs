@@ -52,9 +52,11 @@ pub fn choose_form(send: &OutboundSend, now: DateTime<Utc>) -> Form {
     if send.channel != Channel::Whatsapp as i32 {
         return Form::Text;
     }
-    let Some(last) = send.customer_last_received_at.as_ref().and_then(|ts| {
-        DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).unwrap_or(0))
-    }) else {
+    let Some(last) = send
+        .customer_last_received_at
+        .as_ref()
+        .and_then(|ts| DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).unwrap_or(0)))
+    else {
         // The customer never wrote: no window was ever opened.
         return Form::Template;
     };
@@ -236,12 +238,30 @@ mod tests {
         let inside = now() - chrono::Duration::hours(23);
         let edge = now() - chrono::Duration::seconds(24 * 3600 - 59);
         let outside = now() - chrono::Duration::hours(25);
-        assert_eq!(choose_form(&send(Channel::Whatsapp, Some(inside)), now()), Form::Text);
-        assert_eq!(choose_form(&send(Channel::Whatsapp, Some(edge)), now()), Form::Template);
-        assert_eq!(choose_form(&send(Channel::Whatsapp, Some(outside)), now()), Form::Template);
-        assert_eq!(choose_form(&send(Channel::Whatsapp, None), now()), Form::Template);
-        assert_eq!(choose_form(&send(Channel::WebWidget, None), now()), Form::Text);
-        assert_eq!(choose_form(&send(Channel::WebWidget, Some(outside)), now()), Form::Text);
+        assert_eq!(
+            choose_form(&send(Channel::Whatsapp, Some(inside)), now()),
+            Form::Text
+        );
+        assert_eq!(
+            choose_form(&send(Channel::Whatsapp, Some(edge)), now()),
+            Form::Template
+        );
+        assert_eq!(
+            choose_form(&send(Channel::Whatsapp, Some(outside)), now()),
+            Form::Template
+        );
+        assert_eq!(
+            choose_form(&send(Channel::Whatsapp, None), now()),
+            Form::Template
+        );
+        assert_eq!(
+            choose_form(&send(Channel::WebWidget, None), now()),
+            Form::Text
+        );
+        assert_eq!(
+            choose_form(&send(Channel::WebWidget, Some(outside)), now()),
+            Form::Text
+        );
     }
 
     #[test]
@@ -278,7 +298,10 @@ mod tests {
         assert_eq!(body["from"], "ch1");
         assert_eq!(body["content"]["text"], "Hello");
         s.channel_id.clear();
-        assert_eq!(request(&s, Form::Text, None), Err(BuildError::NoDestination));
+        assert_eq!(
+            request(&s, Form::Text, None),
+            Err(BuildError::NoDestination)
+        );
         Ok(())
     }
 
@@ -286,11 +309,15 @@ mod tests {
     fn classifies_answers() {
         assert_eq!(
             classify(201, None, br#"{"id":"m1","status":"pending"}"#, now()),
-            ApiOutcome::Accepted { messagebird_message_id: "m1".into() }
+            ApiOutcome::Accepted {
+                messagebird_message_id: "m1".into()
+            }
         );
         assert_eq!(
             classify(202, None, b"", now()),
-            ApiOutcome::Accepted { messagebird_message_id: String::new() }
+            ApiOutcome::Accepted {
+                messagebird_message_id: String::new()
+            }
         );
         assert_eq!(
             classify(
@@ -312,6 +339,9 @@ mod tests {
                 retry_after: Some(Duration::from_secs(7))
             }
         );
-        assert!(matches!(classify(503, None, b"", now()), ApiOutcome::Retry { .. }));
+        assert!(matches!(
+            classify(503, None, b"", now()),
+            ApiOutcome::Retry { .. }
+        ));
     }
 }

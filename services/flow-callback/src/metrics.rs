@@ -56,7 +56,9 @@ impl Metrics {
     }
 
     pub fn dead_lettered(&self, kind: &'static str) {
-        self.dead_lettered.get_or_create(&vec![("kind", kind)]).inc();
+        self.dead_lettered
+            .get_or_create(&vec![("kind", kind)])
+            .inc();
     }
 
     pub fn attempt(&self, kind: &'static str, seconds: f64) {

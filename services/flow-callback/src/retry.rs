@@ -27,9 +27,7 @@ pub enum RetryPolicyError {
 pub fn parse_duration(raw: &str) -> Result<Duration, RetryPolicyError> {
     let raw = raw.trim();
     let bad = || RetryPolicyError::Duration(raw.to_owned());
-    let split = raw
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(raw.len());
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (digits, unit) = raw.split_at(split);
     let value: u64 = digits.parse().map_err(|_| bad())?;
     let millis = match unit {
@@ -58,7 +56,9 @@ pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
-    let at = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+    let at = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
 }
 
@@ -152,6 +152,7 @@ impl RetryPolicy {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -178,7 +179,10 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(ms(7000)));
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
-        assert_eq!(parse_duration_list(" 1s, 2s ,"), Ok(vec![ms(1000), ms(2000)]));
+        assert_eq!(
+            parse_duration_list(" 1s, 2s ,"),
+            Ok(vec![ms(1000), ms(2000)])
+        );
     }
 
     #[test]
@@ -229,7 +233,10 @@ mod tests {
         let now = DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
             .expect("date")
             .with_timezone(&Utc);
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(
             parse_retry_after("Tue, 24 Nov 2026 10:00:30 GMT", now),
             Some(Duration::from_secs(30))

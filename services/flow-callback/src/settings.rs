@@ -34,7 +34,11 @@ pub enum Command {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
     /// RabbitMQ connection URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// Prefix of every exchange and queue name (tests and side-by-side stacks).
     #[arg(long, env = "AMQP_PREFIX", default_value = "")]
@@ -43,7 +47,11 @@ pub struct Settings {
     #[arg(long, env = "AMQP_CONFIRM_TIMEOUT_MS", default_value_t = 5000)]
     pub amqp_confirm_timeout_ms: u64,
     /// The config service's gRPC endpoint (shop delivery settings).
-    #[arg(long, env = "CONFIG_GRPC_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "CONFIG_GRPC_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub config_grpc_url: String,
     /// Bearer token of the `flow-callback` caller at the config service.
     #[arg(
@@ -98,7 +106,11 @@ pub struct Settings {
     pub http_connect_timeout_ms: u64,
     /// Pause before each retry (`ms`, `s`, `m`, `h`): one entry per retry, so attempts =
     /// entries + 1; then the message goes to the dead-letter queue.
-    #[arg(long, env = "RETRY_SCHEDULE", default_value = "1s,5s,30s,2m,5m,15m,30m,1h")]
+    #[arg(
+        long,
+        env = "RETRY_SCHEDULE",
+        default_value = "1s,5s,30s,2m,5m,15m,30m,1h"
+    )]
     pub retry_schedule: String,
     /// The delay-tier queues (one queue per entry, each with that message TTL). A pause is
     /// composed from these tiers, so keep the smallest one small.

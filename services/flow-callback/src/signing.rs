@@ -32,7 +32,9 @@ fn mac(secret: &str, event_id: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256
 
 /// The `X-ShopCtrl-Signature` value.
 pub fn sign(secret: &str, event_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let digest = mac(secret, event_id, timestamp, body).finalize().into_bytes();
+    let digest = mac(secret, event_id, timestamp, body)
+        .finalize()
+        .into_bytes();
     format!("v1={}", hex::encode(digest))
 }
 
@@ -50,6 +52,7 @@ pub fn verify(secret: &str, event_id: &str, timestamp: i64, body: &[u8], header:
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -60,10 +63,34 @@ mod tests {
         assert_eq!(sig.len(), 3 + 64);
         assert!(verify("s3cret", "evt-1", 1_700_000_000, b"{\"a\":1}", &sig));
         assert!(!verify("other", "evt-1", 1_700_000_000, b"{\"a\":1}", &sig));
-        assert!(!verify("s3cret", "evt-2", 1_700_000_000, b"{\"a\":1}", &sig));
-        assert!(!verify("s3cret", "evt-1", 1_700_000_001, b"{\"a\":1}", &sig));
-        assert!(!verify("s3cret", "evt-1", 1_700_000_000, b"{\"a\":2}", &sig));
-        assert!(!verify("s3cret", "evt-1", 1_700_000_000, b"{\"a\":1}", "v1=zz"));
+        assert!(!verify(
+            "s3cret",
+            "evt-2",
+            1_700_000_000,
+            b"{\"a\":1}",
+            &sig
+        ));
+        assert!(!verify(
+            "s3cret",
+            "evt-1",
+            1_700_000_001,
+            b"{\"a\":1}",
+            &sig
+        ));
+        assert!(!verify(
+            "s3cret",
+            "evt-1",
+            1_700_000_000,
+            b"{\"a\":2}",
+            &sig
+        ));
+        assert!(!verify(
+            "s3cret",
+            "evt-1",
+            1_700_000_000,
+            b"{\"a\":1}",
+            "v1=zz"
+        ));
     }
 
     #[test]

@@ -229,6 +229,7 @@ pub fn refusal_in(error: &(dyn std::error::Error + 'static)) -> Option<SsrfError
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -258,7 +259,12 @@ mod tests {
         ] {
             assert!(is_internal(ip(s)), "{s} must be internal");
         }
-        for s in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for s in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(!is_internal(ip(s)), "{s} must be public");
         }
     }

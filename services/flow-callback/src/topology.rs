@@ -113,7 +113,12 @@ impl Topology {
     /// delay tiers and the dead-letter queues.
     pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
         declare_exchange(channel, &self.names.flow_exchange(), ExchangeKind::Direct).await?;
-        declare_exchange(channel, &self.names.outbound_exchange(), ExchangeKind::Direct).await?;
+        declare_exchange(
+            channel,
+            &self.names.outbound_exchange(),
+            ExchangeKind::Direct,
+        )
+        .await?;
         declare_exchange(
             channel,
             &self.names.dead_letter_exchange(),

@@ -260,7 +260,9 @@ impl Worker {
                 tracing::debug!(%queue, ?wait, attempts = state.attempts, "parked for a later attempt");
                 Handled::Ack
             }
-            Err(error) => Handled::Transient(format!("cannot park the message in {queue}: {error}")),
+            Err(error) => {
+                Handled::Transient(format!("cannot park the message in {queue}: {error}"))
+            }
         }
     }
 
@@ -400,7 +402,10 @@ impl Worker {
                 Attempt::Done
             }
             Ok(response) => Attempt::Retry {
-                error: format!("the event webhook answered HTTP {}", response.status().as_u16()),
+                error: format!(
+                    "the event webhook answered HTTP {}",
+                    response.status().as_u16()
+                ),
                 retry_after: retry_after_of(&response, now),
             },
             Err(error) => self.transport_failure(&error),
@@ -472,7 +477,11 @@ impl Worker {
         }
         self.metrics.outcome(
             kind.label(),
-            if result.accepted { "delivered" } else { "failed" },
+            if result.accepted {
+                "delivered"
+            } else {
+                "failed"
+            },
         );
         self.remember(&event_id);
         Handled::Ack
@@ -667,12 +676,13 @@ fn retry_after_of(response: &reqwest::Response, now: DateTime<Utc>) -> Option<Du
 }
 
 fn template_of(shop: &DeliveryShop) -> Option<Template> {
-    (!shop.whatsapp_template_name.is_empty() && !shop.whatsapp_template_namespace.is_empty())
-        .then(|| Template {
+    (!shop.whatsapp_template_name.is_empty() && !shop.whatsapp_template_namespace.is_empty()).then(
+        || Template {
             namespace: shop.whatsapp_template_namespace.clone(),
             name: shop.whatsapp_template_name.clone(),
             language: shop.whatsapp_template_language.clone(),
-        })
+        },
+    )
 }
 
 fn meta() -> EventMeta {

@@ -57,7 +57,10 @@ struct FakeConfig {
 
 impl FakeConfig {
     fn put(&self, shop: DeliveryShop) {
-        self.shops.lock().unwrap().insert(shop.shop_id.clone(), shop);
+        self.shops
+            .lock()
+            .unwrap()
+            .insert(shop.shop_id.clone(), shop);
     }
 }
 
@@ -230,9 +233,13 @@ impl Harness {
         let channel = connection.create_channel().await.unwrap();
         let results_queue = names.custom("test.results");
         amqp.track_queue(results_queue.clone());
-        declare_exchange(&channel, &names.config_exchange(), lapin::ExchangeKind::Fanout)
-            .await
-            .unwrap();
+        declare_exchange(
+            &channel,
+            &names.config_exchange(),
+            lapin::ExchangeKind::Fanout,
+        )
+        .await
+        .unwrap();
         declare_queue(
             &channel,
             &QueueSpec::quorum(&results_queue).bind(names.outbound_exchange(), "result"),
@@ -266,7 +273,10 @@ impl Harness {
     async fn wait_ready(&self) {
         let client = reqwest::Client::new();
         for _ in 0..100 {
-            if let Ok(r) = client.get(format!("http://{}/readyz", self.ops)).send().await
+            if let Ok(r) = client
+                .get(format!("http://{}/readyz", self.ops))
+                .send()
+                .await
                 && r.status() == 200
             {
                 return;
@@ -465,23 +475,31 @@ async fn delivers_on_first_try_with_a_verifiable_signature() {
     assert_eq!(call.field("available").as_deref(), Some("true"));
     assert_eq!(call.field("employee_name").as_deref(), Some("Ann Agent"));
     assert_eq!(call.field("identifier").as_deref(), Some("31612345678"));
-    let other = calls.iter().find(|c| c.field("event_id") != Some(id.clone())).unwrap();
+    let other = calls
+        .iter()
+        .find(|c| c.field("event_id") != Some(id.clone()))
+        .unwrap();
     assert_eq!(other.signature, Some(Ok(())));
-    assert_eq!(other.field("event").as_deref(), Some("no_employee_available"));
+    assert_eq!(
+        other.field("event").as_deref(),
+        Some("no_employee_available")
+    );
     assert_eq!(other.field("queue_position").as_deref(), Some("2"));
     assert_eq!(other.field("reason").as_deref(), Some("all_full"));
 
     // A signature made with another secret does not verify.
     let body = &call.body;
     let ts: i64 = call.headers["x-shopctrl-timestamp"].parse().unwrap();
-    assert!(shopctrl_e2e::flow_receiver::verify_signature(
-        "wrong-secret",
-        &call.headers,
-        body,
-        ts,
-        Duration::from_secs(300)
-    )
-    .is_err());
+    assert!(
+        shopctrl_e2e::flow_receiver::verify_signature(
+            "wrong-secret",
+            &call.headers,
+            body,
+            ts,
+            Duration::from_secs(300)
+        )
+        .is_err()
+    );
     assert_eq!(wait_count(&h.metrics, "flow", "delivered", 2).await, 2);
     h.stop().await;
 }
@@ -502,8 +520,16 @@ async fn retries_5xx_and_timeouts_on_the_schedule() {
     h.publish_flow(&assigned("shop-r", &id)).await;
     let calls = h.receiver.wait_for_calls(3, Duration::from_secs(15)).await;
     assert_eq!(calls.len(), 3);
-    assert!(calls.iter().all(|c| c.field("event_id") == Some(id.clone())));
-    assert!(calls.iter().all(|c| c.headers.get("idempotency-key") == Some(&id)));
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.field("event_id") == Some(id.clone()))
+    );
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.headers.get("idempotency-key") == Some(&id))
+    );
     let first_gap = calls[1].at - calls[0].at;
     let second_gap = calls[2].at - calls[1].at;
     // Schedule 300 ms then 600 ms, no jitter; the second attempt also waited out its 500 ms
@@ -614,9 +640,15 @@ async fn ssrf_attempts_are_refused() {
         assert!(reason.contains("refused by the SSRF guard"), "{reason}");
     }
     assert!(reasons.iter().any(|r| r.contains("scheme http")));
-    assert!(reasons.iter().any(|r| r.contains("10.0.0.7")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("10.0.0.7")),
+        "{reasons:?}"
+    );
     assert!(reasons.iter().any(|r| r.contains("169.254.169.254")));
-    assert!(h.receiver.calls().is_empty(), "nothing reached the receiver");
+    assert!(
+        h.receiver.calls().is_empty(),
+        "nothing reached the receiver"
+    );
     let n = targets.len() as u64;
     assert_eq!(wait_count(&h.metrics, "flow", "refused", n).await, n);
     h.stop().await;
@@ -627,7 +659,13 @@ async fn a_changed_url_takes_effect_on_config_changed() {
     let h = Harness::start(|_| {}).await;
     h.shop("shop-c", &h.receiver.url("old"));
     h.publish_flow(&assigned("shop-c", &new_id())).await;
-    assert_eq!(h.receiver.wait_for_calls(1, Duration::from_secs(10)).await.len(), 1);
+    assert_eq!(
+        h.receiver
+            .wait_for_calls(1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
     h.shop("shop-c", &h.receiver.url("new"));
     let change = ConfigChanged {
         meta: meta(&new_id(), Utc::now()),
@@ -666,7 +704,11 @@ async fn a_changed_url_takes_effect_on_config_changed() {
 
 // ---------------------------------------------------------------- agent replies
 
-fn reply(shop: &str, channel: MbChannel, last_received: Option<chrono::DateTime<Utc>>) -> OutboundSend {
+fn reply(
+    shop: &str,
+    channel: MbChannel,
+    last_received: Option<chrono::DateTime<Utc>>,
+) -> OutboundSend {
     OutboundSend {
         meta: meta(&new_id(), Utc::now()),
         shop_id: shop.into(),
@@ -689,8 +731,16 @@ fn reply(shop: &str, channel: MbChannel, last_received: Option<chrono::DateTime<
 async fn replies_inside_and_outside_the_window_go_as_text_and_template() {
     let h = Harness::start(|_| {}).await;
     h.shop("shop-w", "");
-    let inside = reply("shop-w", MbChannel::Whatsapp, Some(Utc::now() - chrono::Duration::hours(1)));
-    let outside = reply("shop-w", MbChannel::Whatsapp, Some(Utc::now() - chrono::Duration::hours(25)));
+    let inside = reply(
+        "shop-w",
+        MbChannel::Whatsapp,
+        Some(Utc::now() - chrono::Duration::hours(1)),
+    );
+    let outside = reply(
+        "shop-w",
+        MbChannel::Whatsapp,
+        Some(Utc::now() - chrono::Duration::hours(25)),
+    );
     let widget = reply("shop-w", MbChannel::WebWidget, None);
     for send in [&inside, &outside, &widget] {
         h.publish_send(send).await;
@@ -708,7 +758,11 @@ async fn replies_inside_and_outside_the_window_go_as_text_and_template() {
     assert_eq!(by_id(&inside.message_id).sent_as, "text");
     assert_eq!(by_id(&outside.message_id).sent_as, "template");
     assert_eq!(by_id(&widget.message_id).sent_as, "text");
-    assert!(results.iter().all(|r| r.accepted && !r.messagebird_message_id.is_empty()));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.accepted && !r.messagebird_message_id.is_empty())
+    );
     let template = requests
         .iter()
         .find(|r| r.body["type"] == "hsm")
@@ -721,7 +775,10 @@ async fn replies_inside_and_outside_the_window_go_as_text_and_template() {
         hsm["components"][0]["parameters"][0]["text"],
         "Your order ships today"
     );
-    assert_eq!(requests.iter().filter(|r| r.body["type"] == "text").count(), 2);
+    assert_eq!(
+        requests.iter().filter(|r| r.body["type"] == "text").count(),
+        2
+    );
     h.stop().await;
 }
 
@@ -762,7 +819,10 @@ async fn messagebird_errors_come_back_as_failed_results() {
     let requests = h.api.requests();
     let tries: Vec<_> = requests.iter().skip(1).collect();
     assert_eq!(tries.len(), 3);
-    assert!(tries[1].at - tries[0].at >= Duration::from_millis(1000), "Retry-After honoured");
+    assert!(
+        tries[1].at - tries[0].at >= Duration::from_millis(1000),
+        "Retry-After honoured"
+    );
 
     // 3: outside the window with no template configured: a clear failure, nothing sent.
     let mut shop = h.shop("shop-nt", "");
@@ -773,7 +833,11 @@ async fn messagebird_errors_come_back_as_failed_results() {
     let result = h.results(1).await.remove(0);
     assert!(!result.accepted);
     assert_eq!(result.error_code, 0);
-    assert!(result.error_description.contains("no WhatsApp template"), "{}", result.error_description);
+    assert!(
+        result.error_description.contains("no WhatsApp template"),
+        "{}",
+        result.error_description
+    );
     assert_eq!(h.api.requests().len(), 4, "nothing was sent");
     h.stop().await;
 }
@@ -794,7 +858,13 @@ async fn replies_that_keep_failing_end_in_the_dead_letter_queue_and_a_failed_res
     h.publish_send(&send).await;
     let result = h.results(1).await.remove(0);
     assert!(!result.accepted);
-    assert!(result.error_description.contains("gave up after 2 attempts"), "{}", result.error_description);
+    assert!(
+        result
+            .error_description
+            .contains("gave up after 2 attempts"),
+        "{}",
+        result.error_description
+    );
     let (reason, _) = h.dead_letter(Kind::Send).await;
     assert!(reason.contains("HTTP 502"), "{reason}");
     h.stop().await;
