@@ -6,5 +6,6 @@ pub mod conversations_api;
 pub mod demo;
 pub mod flow_receiver;
 pub mod load;
+pub mod messagebird_side;
 pub mod signing;
 pub mod webhooks;

@@ -47,6 +47,9 @@ enum Command {
         #[arg(long)]
         legacy: bool,
     },
+    /// Serve the MessageBird side our services call: the Conversations API and a flow
+    /// webhook receiver, printing every request as a JSON line.
+    Messagebird(shopctrl_e2e::messagebird_side::SideArgs),
     /// Write pre-signed requests for wrk (bodies.txt, tokens.txt).
     LoadFiles {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -121,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
             let response = request.send().await?;
             println!("{} {}", response.status(), response.text().await?);
         }
+        Command::Messagebird(args) => shopctrl_e2e::messagebird_side::serve(args).await?,
         Command::LoadFiles {
             public_base,
             shop,
