@@ -89,7 +89,11 @@ impl From<ServiceError> for Status {
             }
             ServiceError::Database(error) => {
                 tracing::error!(%error, "database error");
-                Status::unavailable("the config database is unavailable; retry")
+                if is_transient(&error) {
+                    Status::unavailable("the config database is unavailable; retry")
+                } else {
+                    Status::internal("the config database failed")
+                }
             }
             ServiceError::Outbox(error) => {
                 tracing::error!(%error, "outbox error");
@@ -101,5 +105,21 @@ impl From<ServiceError> for Status {
                 Status::internal("a stored secret cannot be decrypted with the configured keys")
             }
         }
+    }
+}
+
+/// Errors that go away by themselves (connection lost, pool exhausted, serialization
+/// conflicts): the caller may retry.
+fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code == "40001" || code == "40P01" || code == "57P01"
+        }),
+        _ => false,
     }
 }

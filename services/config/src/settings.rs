@@ -40,6 +40,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "DATABASE_URL",
+        hide_env_values = true,
         global = true,
         default_value = "postgres://postgres@127.0.0.1:5432/shopctrl_messaging"
     )]
@@ -58,6 +59,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "AMQP_URL",
+        hide_env_values = true,
         global = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
@@ -87,12 +89,17 @@ pub struct Settings {
 
     /// Service tokens, `caller=token,...` with callers shopctrl, ingress, routing,
     /// flow-callback. Unset: development tokens (dev-<caller>-token) and a warning.
-    #[arg(long, env = "AUTH_TOKENS", global = true)]
+    #[arg(long, env = "AUTH_TOKENS", hide_env_values = true, global = true)]
     pub auth_tokens: Option<Redacted>,
 
     /// Secret encryption keys, `keyid:base64(32 bytes),...`; the first encrypts, all decrypt.
     /// Unset (and no file): a public development key and a loud warning.
-    #[arg(long, env = "SECRETS_ENCRYPTION_KEYS", global = true)]
+    #[arg(
+        long,
+        env = "SECRETS_ENCRYPTION_KEYS",
+        hide_env_values = true,
+        global = true
+    )]
     pub secrets_encryption_keys: Option<Redacted>,
 
     /// A file holding the value of SECRETS_ENCRYPTION_KEYS (a mounted Kubernetes Secret);

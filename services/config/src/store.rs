@@ -138,8 +138,9 @@ impl ShopConfig {
     }
 }
 
-/// The fields an update may change; `None` leaves a field as it is.
-#[derive(Debug, Default, Clone)]
+/// The fields an update may change; `None` leaves a field as it is. No `Debug`: it holds
+/// secrets in plaintext.
+#[derive(Default, Clone)]
 pub struct SettingsUpdate {
     pub workspace_id: Option<String>,
     pub access_key: Option<String>,
