@@ -33,6 +33,7 @@ use crate::{
     service::Handlers,
     settings::Settings,
     store::Store,
+    validate::UrlPolicy,
 };
 
 /// Every gRPC service this server answers, as reflection lists them.
@@ -168,12 +169,20 @@ impl App {
 
         let metrics = Metrics::new();
         let store = Store::new(pool.clone(), keys, names.config_exchange());
-        let handlers = Handlers::new(store, metrics.clone(), settings.allow_http_webhook_urls);
-        if settings.allow_http_webhook_urls {
+        let url_policy =
+            UrlPolicy::parse(settings.allow_http_webhook_urls, &settings.ssrf_allow_cidrs)?;
+        if url_policy.allow_http {
             tracing::warn!(
                 "ALLOW_HTTP_WEBHOOK_URLS is on: http:// Event webhook URLs are accepted"
             );
         }
+        if !url_policy.allow.is_empty() {
+            tracing::warn!(
+                allowed = ?url_policy.allow,
+                "SSRF_ALLOW_CIDRS exempts these networks from the private-address rule"
+            );
+        }
+        let handlers = Handlers::new(store, metrics.clone(), url_policy);
 
         let readiness = Readiness::default();
         let db_ready = readiness.check("database");

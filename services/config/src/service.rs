@@ -23,6 +23,7 @@ use crate::{
     error::ServiceError,
     metrics::Metrics,
     store::{EmployeeRecord, SecretName, SettingsRecord, SettingsUpdate, ShopConfig, Store},
+    validate::UrlPolicy,
 };
 
 const MAX_DISPLAY_NAME: usize = 200;
@@ -36,16 +37,16 @@ pub struct Handlers {
 struct Inner {
     store: Store,
     metrics: Metrics,
-    allow_http_webhook_urls: bool,
+    url_policy: UrlPolicy,
 }
 
 impl Handlers {
-    pub fn new(store: Store, metrics: Metrics, allow_http_webhook_urls: bool) -> Self {
+    pub fn new(store: Store, metrics: Metrics, url_policy: UrlPolicy) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
                 metrics,
-                allow_http_webhook_urls,
+                url_policy,
             }),
         }
     }
@@ -144,7 +145,7 @@ impl Handlers {
             conversation_slots: body.conversation_slots,
             legacy_signature_enabled: body.legacy_signature_enabled,
         };
-        let violations = update.validate(self.inner.allow_http_webhook_urls);
+        let violations = update.validate(&self.inner.url_policy);
         if !violations.is_empty() {
             return Err(ServiceError::Invalid(violations.into_vec()));
         }
@@ -333,22 +334,26 @@ impl Handlers {
         })
     }
 
+    /// A role lookup: answers for any shop config knows (settings or at least one role), so
+    /// access checks work before a shop's settings exist; a shop it never heard of is NOT_FOUND.
     async fn employee_access(
         &self,
         request: Request<GetEmployeeAccessRequest>,
     ) -> Result<EmployeeAccess, ServiceError> {
+        Self::require_caller(&request, Caller::Routing)?;
         let body = request.get_ref();
-        let config = self
-            .internal_shop(&request, Caller::Routing, &body.shop_id)
-            .await?;
-        let employee_id = EmployeeId::parse(body.employee_id.clone())
-            .map_err(|e| ServiceError::invalid("employee_id", e.to_string()))?;
+        let (shop_id, employee_id) = parse_shop_and_employee(&body.shop_id, &body.employee_id)?;
+        if !self.store().shop_known(shop_id.as_str()).await? {
+            return Err(ServiceError::NotFound(format!(
+                "shop {shop_id} has no settings and no roles"
+            )));
+        }
         let record = self
             .store()
-            .employee(&config.settings.shop_id, employee_id.as_str())
+            .employee(shop_id.as_str(), employee_id.as_str())
             .await?;
         Ok(EmployeeAccess {
-            shop_id: config.settings.shop_id.clone(),
+            shop_id: shop_id.to_string(),
             employee_id: record.employee_id,
             role: record.role as i32,
             chat_permission: record.chat_permission,

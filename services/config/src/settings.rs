@@ -117,6 +117,12 @@ pub struct Settings {
     )]
     pub allow_http_webhook_urls: bool,
 
+    /// Networks (CIDRs or addresses, comma-separated) an Event webhook URL may point at even
+    /// though they are private or loopback, e.g. `127.0.0.0/8` for a local stack. Empty in
+    /// production. flow-callback reads the same variable.
+    #[arg(long, env = "SSRF_ALLOW_CIDRS", global = true, default_value = "")]
+    pub ssrf_allow_cidrs: String,
+
     /// How long a shutdown may take before in-flight work is abandoned.
     #[arg(
         long,

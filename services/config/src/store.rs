@@ -157,7 +157,7 @@ pub struct SettingsUpdate {
 
 impl SettingsUpdate {
     /// Every rule that depends on one field alone.
-    pub fn validate(&self, allow_http: bool) -> Violations {
+    pub fn validate(&self, url_policy: &validate::UrlPolicy) -> Violations {
         let mut v = Violations::default();
         if let Some(x) = &self.workspace_id {
             v.check("workspace_id", validate::workspace_id(x));
@@ -171,7 +171,7 @@ impl SettingsUpdate {
         if let Some(x) = &self.event_webhook_url {
             v.check(
                 "event_webhook_url",
-                validate::event_webhook_url(x, allow_http),
+                validate::event_webhook_url(x, url_policy),
             );
         }
         if let Some(x) = &self.whatsapp_template_name {
@@ -640,6 +640,17 @@ impl Store {
             });
         }
         Ok(employees)
+    }
+
+    /// Whether the shop has settings or at least one employee role.
+    pub async fn shop_known(&self, shop_id: &str) -> Result<bool, ServiceError> {
+        Ok(sqlx::query_scalar(
+            "select exists (select 1 from shop_settings where shop_id = $1)
+                 or exists (select 1 from employee_role where shop_id = $1)",
+        )
+        .bind(shop_id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// One employee's role and Chat flag (role Unspecified when none).

@@ -11,6 +11,35 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use url::{Host, Url};
 
+/// What an Event webhook URL may point at, from `ALLOW_HTTP_WEBHOOK_URLS` and
+/// `SSRF_ALLOW_CIDRS` (the same variables flow-callback reads, so both agree).
+#[derive(Debug, Clone, Default)]
+pub struct UrlPolicy {
+    pub allow_http: bool,
+    /// Networks exempt from the private-address rule (development stacks on 127.0.0.1).
+    pub allow: Vec<IpNet>,
+}
+
+/// Why `SSRF_ALLOW_CIDRS` was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("SSRF_ALLOW_CIDRS entry {0:?} is not a CIDR or an address")]
+pub struct CidrError(String);
+
+impl UrlPolicy {
+    /// From the comma-separated list; a bare address is a single-host network.
+    pub fn parse(allow_http: bool, cidrs: &str) -> Result<Self, CidrError> {
+        let mut allow = Vec::new();
+        for part in cidrs.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let net = part
+                .parse::<IpNet>()
+                .or_else(|_| part.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| CidrError(part.to_owned()))?;
+            allow.push(net);
+        }
+        Ok(Self { allow_http, allow })
+    }
+}
+
 /// The largest number of conversation slots per employee we accept.
 pub const MAX_CONVERSATION_SLOTS: u32 = 1000;
 const MAX_URL_LEN: usize = 2048;
@@ -50,20 +79,24 @@ impl Violations {
     }
 }
 
-/// MessageBird (Bird) workspace ids are UUIDs.
+/// MessageBird workspace ids: Bird's are UUIDs, older ones shorter tokens; both fit
+/// letters, digits, '-' and '_' (at most 64), which keeps them safe in URLs and logs.
 pub fn workspace_id(value: &str) -> Result<(), String> {
     if value.is_empty() {
         return Ok(()); // clears it (messaging is then disabled)
     }
-    let well_formed = value.len() == 36
-        && value.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        });
-    if well_formed {
+    if value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    {
         Ok(())
     } else {
-        Err("must be a MessageBird workspace id (a UUID such as 2d7f8a3e-5c1b-4a9e-8f00-1a2b3c4d5e6f)".into())
+        Err(
+            "must be a MessageBird workspace id: letters, digits, '-' or '_' (at most 64), \
+             e.g. 2d7f8a3e-5c1b-4a9e-8f00-1a2b3c4d5e6f"
+                .into(),
+        )
     }
 }
 
@@ -156,9 +189,11 @@ pub fn conversation_slots(value: u32) -> Result<(), String> {
     }
 }
 
-/// The Event webhook URL: https (http only when `allow_http`), a host that is not a private,
-/// loopback, link-local or metadata address, no credentials in the URL.
-pub fn event_webhook_url(value: &str, allow_http: bool) -> Result<(), String> {
+/// The Event webhook URL: https (http only when the policy allows it), a host that is not a
+/// private, loopback, link-local or metadata address (unless the policy lists its network), no
+/// credentials in the URL.
+pub fn event_webhook_url(value: &str, policy: &UrlPolicy) -> Result<(), String> {
+    let allow_http = policy.allow_http;
     if value.is_empty() {
         return Ok(()); // clears it: no availability events are posted
     }
@@ -181,8 +216,8 @@ pub fn event_webhook_url(value: &str, allow_http: bool) -> Result<(), String> {
     }
     match url.host() {
         None => Err("must name a host".into()),
-        Some(Host::Ipv4(ip)) => public_ip(IpAddr::V4(ip)),
-        Some(Host::Ipv6(ip)) => public_ip(IpAddr::V6(ip)),
+        Some(Host::Ipv4(ip)) => public_ip(IpAddr::V4(ip), &policy.allow),
+        Some(Host::Ipv6(ip)) => public_ip(IpAddr::V6(ip), &policy.allow),
         Some(Host::Domain(domain)) => {
             let domain = domain.trim_end_matches('.').to_ascii_lowercase();
             if domain == "localhost" || domain.ends_with(".localhost") {
@@ -239,7 +274,10 @@ fn forbidden_networks() -> Vec<IpNet> {
     nets
 }
 
-fn public_ip(ip: IpAddr) -> Result<(), String> {
+fn public_ip(ip: IpAddr, allow: &[IpNet]) -> Result<(), String> {
+    if allow.iter().any(|net| net.contains(&ip)) {
+        return Ok(());
+    }
     // IPv4 written as IPv6 (::ffff:10.0.0.1, ::10.0.0.1, 64:ff9b::10.0.0.1) reaches the IPv4
     // address: judge that one.
     let ip = match ip {
@@ -275,13 +313,14 @@ mod tests {
 
     #[test]
     fn webhook_urls() {
+        let strict = UrlPolicy::default();
         let ok = [
             "https://flows.messagebird.com/flows/abc/invoke",
             "https://8.8.8.8/hook",
             "https://[2606:4700::1111]/x",
         ];
         for url in ok {
-            assert_eq!(event_webhook_url(url, false), Ok(()), "{url}");
+            assert_eq!(event_webhook_url(url, &strict), Ok(()), "{url}");
         }
         let bad = [
             "http://example.com/x",
@@ -307,16 +346,25 @@ mod tests {
             "not a url",
         ];
         for url in bad {
-            assert!(event_webhook_url(url, false).is_err(), "{url}");
+            assert!(event_webhook_url(url, &strict).is_err(), "{url}");
         }
-        assert_eq!(event_webhook_url("http://example.com/x", true), Ok(()));
-        assert!(event_webhook_url("http://127.0.0.1/x", true).is_err());
+        let dev = UrlPolicy::parse(true, "").unwrap_or_default();
+        assert_eq!(event_webhook_url("http://example.com/x", &dev), Ok(()));
+        assert!(event_webhook_url("http://127.0.0.1/x", &dev).is_err());
+        let local = UrlPolicy::parse(true, "127.0.0.0/8, ::1").unwrap_or_default();
+        assert_eq!(event_webhook_url("http://127.0.0.1:8080/x", &local), Ok(()));
+        assert_eq!(event_webhook_url("http://[::1]/x", &local), Ok(()));
+        assert!(event_webhook_url("http://10.0.0.1/x", &local).is_err());
+        assert!(UrlPolicy::parse(false, "nonsense").is_err());
     }
 
     #[test]
     fn formats() {
         assert!(workspace_id("2d7f8a3e-5c1b-4a9e-8f00-1a2b3c4d5e6f").is_ok());
+        assert!(workspace_id("ws1234").is_ok());
         assert!(workspace_id("ws 1").is_err());
+        assert!(workspace_id("ws/1").is_err());
+        assert!(workspace_id(&"w".repeat(65)).is_err());
         assert!(access_key("test_abcdefghijklmnopqrstuv").is_err());
         assert!(access_key("TEST_abcdefghijklmnopqrstuv").is_err());
         assert!(access_key("live_abcdefghijklmnopqrstuv").is_ok());

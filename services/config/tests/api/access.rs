@@ -485,6 +485,35 @@ async fn internal_calls_are_scoped_by_service_token() -> TestResult {
         assert_eq!(status.code(), Code::PermissionDenied, "{token}");
     }
 
+    // Access answers before a shop has settings, once config knows the shop from a role.
+    service
+        .grant_role("shop-new", "emp-new", Role::ShopEmployee)
+        .await;
+    let early = client
+        .get_employee_access(call(
+            GetEmployeeAccessRequest {
+                shop_id: "shop-new".into(),
+                employee_id: "emp-new".into(),
+            },
+            ROUTING,
+            None,
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(early.role(), Role::ShopEmployee);
+    let status = client
+        .get_employee_access(call(
+            GetEmployeeAccessRequest {
+                shop_id: "shop-unknown".into(),
+                employee_id: "emp-new".into(),
+            },
+            ROUTING,
+            None,
+        ))
+        .await
+        .expect_err("unknown shop");
+    assert_eq!(status.code(), Code::NotFound);
+
     // Unknown shops are NOT_FOUND.
     let unknown = || GetInternalShopRequest {
         shop_id: "shop-unknown".into(),

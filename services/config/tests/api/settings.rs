@@ -171,7 +171,7 @@ fn bad_cases() -> Vec<(&'static str, UpdateShopSettingsRequest, &'static str)> {
         (
             "workspace id format",
             UpdateShopSettingsRequest {
-                workspace_id: Some("not-a-workspace".into()),
+                workspace_id: Some("bad workspace/id".into()),
                 ..base()
             },
             "workspace_id",
@@ -366,7 +366,7 @@ async fn all_violations_are_reported_at_once_and_nothing_is_applied() -> TestRes
         .update_shop_settings(as_owner(UpdateShopSettingsRequest {
             shop_id: SHOP.into(),
             expected_version: 1,
-            workspace_id: Some("nope".into()),
+            workspace_id: Some("no pe!".into()),
             access_key: Some("test_abcdefghijklmnopqrstuvw".into()),
             event_webhook_url: Some("http://127.0.0.1/hook".into()),
             conversation_slots: Some(5000),
@@ -399,8 +399,12 @@ async fn all_violations_are_reported_at_once_and_nothing_is_applied() -> TestRes
 }
 
 #[tokio::test]
-async fn http_urls_only_with_the_development_setting() -> TestResult {
-    let service = TestService::start_with(|s| s.allow_http_webhook_urls = true).await;
+async fn http_and_local_urls_only_with_the_development_settings() -> TestResult {
+    let service = TestService::start_with(|s| {
+        s.allow_http_webhook_urls = true;
+        s.ssrf_allow_cidrs = "127.0.0.0/8".into();
+    })
+    .await;
     service.grant_role(SHOP, OWNER, Role::ShopOwnerAdmin).await;
     let mut request = full_update(0);
     request.event_webhook_url = Some("http://flows.example.com/hook".into());
@@ -410,12 +414,24 @@ async fn http_urls_only_with_the_development_setting() -> TestResult {
         .await?
         .into_inner();
     assert_eq!(created.event_webhook_url, "http://flows.example.com/hook");
-    // Still never a private address.
-    let status = service
+    // The allow-list opens loopback for a local stack, nothing else.
+    let local = service
         .admin()
         .update_shop_settings(as_owner(UpdateShopSettingsRequest {
             shop_id: SHOP.into(),
             expected_version: 1,
+            event_webhook_url: Some("http://127.0.0.1:8081/hook".into()),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(local.version, 2);
+    // Still never another private address.
+    let status = service
+        .admin()
+        .update_shop_settings(as_owner(UpdateShopSettingsRequest {
+            shop_id: SHOP.into(),
+            expected_version: 2,
             event_webhook_url: Some("http://192.168.0.10/hook".into()),
             ..Default::default()
         }))

@@ -71,6 +71,7 @@ pub fn settings_for(db: &TestDatabase, amqp: &TestAmqp, keys: &str) -> Settings 
     )));
     settings.secrets_encryption_keys = Some(Redacted::new(keys));
     settings.allow_http_webhook_urls = false;
+    settings.ssrf_allow_cidrs = String::new();
     settings.shutdown_grace_seconds = 5;
     settings
 }
