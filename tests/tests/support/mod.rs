@@ -599,14 +599,15 @@ impl Stack {
                 .find(|c| c.messagebird_conversation_id == mb_conversation_id && predicate(c))
         })
         .await;
-        found.unwrap_or_else(|| {
-            let all = futures_lite_block(self.dialogs(shop, viewer, pb::DialogFilter::All));
-            panic!("conversation {mb_conversation_id} never reached the expected state; dialogs: {all:#?}")
-        })
+        match found {
+            Some(conversation) => conversation,
+            None => {
+                let all = self.dialogs(shop, viewer, pb::DialogFilter::All).await;
+                panic!(
+                    "conversation {mb_conversation_id} never reached the expected state; dialogs: {all:#?}"
+                )
+            }
+        }
     }
 }
 
-/// Formats a pending future's result for a panic message (best effort).
-fn futures_lite_block<F: std::future::Future>(_f: F) -> &'static str {
-    "(see service logs)"
-}
