@@ -122,9 +122,14 @@ pub enum ReleaseMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseOutcome {
     Nothing,
-    Released { employee_id: String, open_after: u32 },
+    Released {
+        employee_id: String,
+        open_after: u32,
+    },
     /// A transfer that did not commit: the previous owner keeps the conversation.
-    Restored { previous: String },
+    Restored {
+        previous: String,
+    },
     Rebuild,
 }
 
@@ -254,7 +259,14 @@ impl SlotEngine {
         let r = self
             .run(
                 &self.scripts.assign,
-                &[conversation_id, shop_id, employee_id, force, &ttl, customer_id],
+                &[
+                    conversation_id,
+                    shop_id,
+                    employee_id,
+                    force,
+                    &ttl,
+                    customer_id,
+                ],
             )
             .await?;
         match head(&r)? {
@@ -459,7 +471,10 @@ impl SlotEngine {
                 .await?;
             let keys: Vec<String> = keys.into_iter().filter(|k| *k != lease).collect();
             if !keys.is_empty() {
-                let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await?;
             }
             if next == 0 {
                 return Ok(());

@@ -21,8 +21,8 @@ pub mod service;
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
 pub use engine::{
-    AssignOutcome, ClaimOutcome, Claimed, ConfirmOutcome, EmployeeState, RebuildStart,
-    ReleaseMode, ReleaseOutcome, SlotEngine, script_source,
+    AssignOutcome, ClaimOutcome, Claimed, ConfirmOutcome, EmployeeState, RebuildStart, ReleaseMode,
+    ReleaseOutcome, SlotEngine, script_source,
 };
 pub use service::{Assignment, ClaimKind, HandoverOutcome, SlotService, SlotSettings};
 

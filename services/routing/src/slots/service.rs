@@ -41,11 +41,17 @@ impl ClaimKind {
 /// The result of trying to assign a conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Assignment {
-    Assigned { employee_id: String },
-    Waiting { reason: UnassignedReason },
+    Assigned {
+        employee_id: String,
+    },
+    Waiting {
+        reason: UnassignedReason,
+    },
     /// The conversation is not waiting for an employee (closed, awaiting a handover, or
     /// assigned by someone else meanwhile).
-    NotWaiting { state: String },
+    NotWaiting {
+        state: String,
+    },
 }
 
 /// What a handover request led to (the flow event that was queued says the same).
@@ -229,7 +235,9 @@ impl SlotService {
         .bind(display_name)
         .execute(&self.pool)
         .await?;
-        self.engine.set_candidate(shop_id, employee_id, true).await?;
+        self.engine
+            .set_candidate(shop_id, employee_id, true)
+            .await?;
         Ok(())
     }
 
@@ -898,7 +906,11 @@ impl SlotService {
             .await?;
             for (id, shop_id, state, assignee) in rows {
                 if assignee.as_deref() != Some(employee_id) {
-                    let kind = if state == "closed" { "closed" } else { "released" };
+                    let kind = if state == "closed" {
+                        "closed"
+                    } else {
+                        "released"
+                    };
                     self.released(id, &shop_id, employee_id, kind).await?;
                 }
             }
@@ -991,10 +1003,11 @@ impl SlotService {
         let mut tx = self.pool.begin().await?;
         // Waits for assignment commits in flight (they hold the row `for share`); later ones
         // see the new epoch and are refused, so this read misses no commit.
-        let epoch: i64 =
-            sqlx::query_scalar("update slot_epoch set epoch = epoch + 1 where id = 1 returning epoch")
-                .fetch_one(&mut *tx)
-                .await?;
+        let epoch: i64 = sqlx::query_scalar(
+            "update slot_epoch set epoch = epoch + 1 where id = 1 returning epoch",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         let shops: Vec<(String, i32)> = sqlx::query_as(
             "select s.shop_id, coalesce(x.slots, 0)
              from (select shop_id from slot_shops union select shop_id from slot_candidates) s
