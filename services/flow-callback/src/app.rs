@@ -327,6 +327,24 @@ impl App {
             consumers_stop.clone(),
         )));
 
+        // Readiness follows the broker: the publisher reconnects here too, so parking and
+        // result publishing find a live channel after an outage.
+        let watch_publisher = worker.publisher.clone();
+        let watch_ready = broker_ready.clone();
+        let watch_stop = consumers_stop.clone();
+        let watcher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = watch_stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let up = watch_publisher.is_connected() || watch_publisher.channel().await.is_ok();
+                watch_ready.store(up, Ordering::SeqCst);
+            }
+        });
+        tasks.push(watcher);
+
         tracing::info!(
             concurrency = settings.delivery_concurrency,
             ops = %settings.ops_listen_addr,

@@ -869,3 +869,37 @@ async fn replies_that_keep_failing_end_in_the_dead_letter_queue_and_a_failed_res
     assert!(reason.contains("HTTP 502"), "{reason}");
     h.stop().await;
 }
+
+// ---------------------------------------------------------------- timing
+
+#[tokio::test]
+async fn availability_events_reach_the_flow_within_a_second() {
+    let h = Harness::start(|s| s.delivery_concurrency = 8).await;
+    h.shop("shop-l", &h.receiver.url("flow-l"));
+    let n = 300;
+    let started = std::time::Instant::now();
+    let mut sent_at = HashMap::new();
+    for _ in 0..n {
+        let id = new_id();
+        sent_at.insert(id.clone(), std::time::Instant::now());
+        h.publish_flow(&assigned("shop-l", &id)).await;
+    }
+    let calls = h.receiver.wait_for_calls(n, Duration::from_secs(60)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(calls.len(), n);
+    let mut latencies: Vec<Duration> = calls
+        .iter()
+        .map(|c| c.at - sent_at[&c.field("event_id").unwrap()])
+        .collect();
+    latencies.sort();
+    let p50 = latencies[n / 2];
+    let p99 = latencies[n * 99 / 100];
+    let max = latencies[n - 1];
+    eprintln!(
+        "flow events: {n} in {elapsed:?} ({:.0}/s), publish-to-receiver p50 {p50:?} p99 {p99:?} max {max:?}",
+        n as f64 / elapsed.as_secs_f64()
+    );
+    assert!(calls.iter().all(|c| c.signature == Some(Ok(()))));
+    assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
+    h.stop().await;
+}
