@@ -299,23 +299,15 @@ fn legacy_mac(
     timestamp: &str,
     canonical_query: &str,
     body: &[u8],
-) -> Hmac<Sha256> {
-    // HMAC accepts keys of any length, so this cannot fail; an empty key is refused earlier.
-    let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(signing_key) {
-        Ok(mac) => mac,
-        Err(_) => unreachable_hmac(),
-    };
+) -> Option<Hmac<Sha256>> {
+    // HMAC accepts keys of any length; `None` is unreachable in practice.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(signing_key).ok()?;
     mac.update(timestamp.as_bytes());
     mac.update(b"\n");
     mac.update(canonical_query.as_bytes());
     mac.update(b"\n");
     mac.update(Sha256::digest(body).as_slice());
-    mac
-}
-
-#[allow(clippy::panic)] // HMAC takes keys of every length; this branch does not exist.
-fn unreachable_hmac() -> Hmac<Sha256> {
-    panic!("HMAC-SHA256 refused a key")
+    Some(mac)
 }
 
 /// Verifies only the legacy signature bytes (no clock): what the legacy vectors test.
@@ -333,8 +325,9 @@ pub fn verify_legacy_signature(
         .decode(signature_b64.trim())
         .map_err(|_| SignatureError::Malformed)?;
     let canonical = legacy_canonical_query(raw_query);
-    legacy_mac(signing_key, timestamp.trim(), &canonical, body)
-        .verify_slice(&signature)
+    let mac = legacy_mac(signing_key, timestamp.trim(), &canonical, body)
+        .ok_or(SignatureError::BadSignature)?;
+    mac.verify_slice(&signature)
         .map_err(|_| SignatureError::BadSignature)
 }
 
@@ -363,8 +356,9 @@ pub fn verify_legacy(
 /// Signs a legacy request (tests and the simulator's cross-check).
 pub fn sign_legacy(signing_key: &[u8], timestamp: &str, raw_query: &str, body: &[u8]) -> String {
     let canonical = legacy_canonical_query(raw_query);
-    let mac = legacy_mac(signing_key, timestamp, &canonical, body);
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    legacy_mac(signing_key, timestamp, &canonical, body)
+        .map(|mac| base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Ingress benchmark: the real ingress (release build) on loopback against the local RabbitMQ and
+# Redis, loaded by wrk with genuine signed webhooks (one pre-signed JWT with a unique jti per
+# request), next to two reference points measured in the same run:
+#   plain   - a minimal HTTP server that reads the body and answers 200 (no verification, no publish)
+#   bare    - a bare confirmed publisher (the shared Publisher) with the same number in flight,
+#             publishing the same protobuf events straight to RabbitMQ
+# and a fixed-rate run (think time per connection) for the latency target at ~5,000 webhooks/s.
+# The config service is replaced by `ingress-bench fake-config` (ingress reaches it through its
+# real gRPC client); signing keys are cached after the first request anyway.
+#
+# Settings: BENCH_DURATION (10 s), BENCH_CONNECTIONS (64), BENCH_THREADS (2), BENCH_RATE (5000),
+# AMQP_URL, REDIS_URL, CARGO_TARGET_DIR. Prints a table with ratios; record it in
+# deploy/BENCHMARKS.md ("Ingress").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${BENCH_DURATION:-10}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+THREADS=${BENCH_THREADS:-2}
+RATE=${BENCH_RATE:-5000}
+RATE_CONNECTIONS=${BENCH_RATE_CONNECTIONS:-50}
+AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/}
+PREFIX="bench-ingress-$$."
+HTTP_PORT=${BENCH_HTTP_PORT:-18080}
+OPS_PORT=${BENCH_OPS_PORT:-19103}
+PLAIN_PORT=${BENCH_PLAIN_PORT:-18081}
+CONFIG_PORT=${BENCH_CONFIG_PORT:-50151}
+SHOP=bench-shop
+KEY="bench-signing-key-$RANDOM$RANDOM"
+TOKEN=bench-ingress-token
+PATH_=/webhooks/messagebird/$SHOP
+WORK=$(mktemp -d)
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ -x "${BIN:-}/ingress-bench" ]]; then
+    "$BIN/ingress-bench" teardown --amqp-url "$AMQP_URL" --prefix "$PREFIX" >/dev/null 2>&1 || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+if ! command -v wrk >/dev/null; then
+  echo "installing wrk (apt)..."
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
+  $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y wrk >/dev/null
+fi
+
+echo "building release binaries..."
+cargo build --release --locked -p shopctrl-ingress --bins
+BIN=${CARGO_TARGET_DIR:-target}/release
+
+wait_http() { # url
+  for _ in $(seq 1 100); do
+    if curl -sf -o /dev/null "$1"; then return 0; fi
+    sleep 0.1
+  done
+  echo "timed out waiting for $1" >&2; return 1
+}
+
+"$BIN/ingress-bench" setup --amqp-url "$AMQP_URL" --prefix "$PREFIX"
+"$BIN/ingress-bench" fake-config --listen "127.0.0.1:$CONFIG_PORT" --token "$TOKEN" \
+  --shop "$SHOP" --signing-key "$KEY" >"$WORK/config.log" 2>&1 &
+PIDS+=($!)
+"$BIN/ingress-bench" plain-http --listen "127.0.0.1:$PLAIN_PORT" >"$WORK/plain.log" 2>&1 &
+PIDS+=($!)
+HTTP_LISTEN_ADDR=127.0.0.1:$HTTP_PORT OPS_LISTEN_ADDR=127.0.0.1:$OPS_PORT \
+  PUBLIC_BASE_URL=http://127.0.0.1:$HTTP_PORT AMQP_URL=$AMQP_URL AMQP_PREFIX=$PREFIX \
+  REDIS_URL=$REDIS_URL REDIS_KEY_PREFIX="$PREFIX" ROUTING_SHARDS=4 \
+  CONFIG_GRPC_URL=http://127.0.0.1:$CONFIG_PORT CONFIG_SERVICE_TOKEN=$TOKEN RUST_LOG=warn \
+  "$BIN/ingress" >"$WORK/ingress.log" 2>&1 &
+INGRESS_PID=$!
+PIDS+=($INGRESS_PID)
+wait_http "http://127.0.0.1:$OPS_PORT/readyz"
+
+echo "signing requests..."
+FULL_COUNT=$(( DURATION * 45000 ))
+RATE_COUNT=$(( DURATION * RATE * 3 / 2 ))
+"$BIN/ingress-bench" gen --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
+  --signing-key "$KEY" --count "$FULL_COUNT" --out-dir "$WORK/full"
+"$BIN/ingress-bench" gen --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
+  --signing-key "$KEY" --count "$RATE_COUNT" --out-dir "$WORK/rate"
+"$BIN/ingress-bench" gen --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
+  --signing-key "$KEY" --count 20000 --out-dir "$WORK/warm"
+
+metric() { # name pattern -> value (0 when absent)
+  curl -s "http://127.0.0.1:$OPS_PORT/metrics" | awk -v p="$1" 'index($0, p) == 1 { v = $2 } END { print (v == "" ? 0 : v) }'
+}
+to_ms() { # wrk latency like 320.00us / 4.30ms / 1.02s
+  awk -v x="$1" 'BEGIN { n = x + 0; if (x ~ /us$/) n /= 1000; else if (x ~ /ms$/) n = n; else if (x ~ /s$/) n *= 1000; printf "%.2f", n }'
+}
+run_wrk() { # label dir url connections delay_ms
+  local label=$1 dir=$2 url=$3 conns=$4 delay=${5:-0}
+  BENCH_DIR=$dir BENCH_PATH=$PATH_ BENCH_THREADS=$THREADS BENCH_DELAY_MS=$delay \
+    wrk -t"$THREADS" -c"$conns" -d"${DURATION}s" --latency -s deploy/bench/ingress-wrk.lua "$url" >"$WORK/$label.wrk"
+  local rps p50 p99 non2xx
+  rps=$(awk '/^Requests\/sec:/ { printf "%d", $2 }' "$WORK/$label.wrk")
+  p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$WORK/$label.wrk")")
+  p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$WORK/$label.wrk")")
+  non2xx=$(awk '/Non-2xx/ { print $NF }' "$WORK/$label.wrk"); non2xx=${non2xx:-0}
+  echo "$rps $p50 $p99 $non2xx"
+}
+
+echo "warm-up..."
+BENCH_DIR=$WORK/warm BENCH_PATH=$PATH_ BENCH_THREADS=$THREADS \
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s deploy/bench/ingress-wrk.lua "http://127.0.0.1:$HTTP_PORT" >/dev/null
+
+echo "plain HTTP server ($CONNECTIONS connections, ${DURATION}s)..."
+read -r PLAIN_RPS PLAIN_P50 PLAIN_P99 _ < <(run_wrk plain "$WORK/full" "http://127.0.0.1:$PLAIN_PORT" "$CONNECTIONS")
+
+echo "ingress at full load ($CONNECTIONS connections, ${DURATION}s)..."
+PUB0=$(metric 'ingress_published_total{kind="webhook"}'); REP0=$(metric 'ingress_replays_total')
+( peak=0; while kill -0 "$INGRESS_PID" 2>/dev/null; do
+    rss=$(ps -o rss= -p "$INGRESS_PID" | tr -d ' '); [[ -n "$rss" && "$rss" -gt "$peak" ]] && peak=$rss
+    echo "$peak" >"$WORK/rss"; sleep 0.5; done ) &
+RSS_PID=$!
+read -r ING_RPS ING_P50 ING_P99 ING_NON2XX < <(run_wrk ingress "$WORK/full" "http://127.0.0.1:$HTTP_PORT" "$CONNECTIONS")
+kill "$RSS_PID" 2>/dev/null || true; wait "$RSS_PID" 2>/dev/null || true
+RSS_MIB=$(awk '{ printf "%.1f", $1 / 1024 }' "$WORK/rss")
+PUB1=$(metric 'ingress_published_total{kind="webhook"}'); REP1=$(metric 'ingress_replays_total')
+PUBLISHED=$(awk -v a="$PUB0" -v b="$PUB1" 'BEGIN { printf "%d", b - a }')
+REPLAYS=$(awk -v a="$REP0" -v b="$REP1" 'BEGIN { printf "%d", b - a }')
+
+DELAY=$(( RATE_CONNECTIONS * 1000 / RATE ))
+echo "ingress at ~$RATE/s ($RATE_CONNECTIONS connections, ${DELAY} ms think time, ${DURATION}s)..."
+read -r RATE_RPS RATE_P50 RATE_P99 RATE_NON2XX < <(run_wrk rate "$WORK/rate" "http://127.0.0.1:$HTTP_PORT" "$RATE_CONNECTIONS" "$DELAY")
+
+echo "bare confirmed publisher ($CONNECTIONS in flight, ${DURATION}s)..."
+BARE_JSON=$("$BIN/ingress-bench" bare-publish --amqp-url "$AMQP_URL" --prefix "$PREFIX" \
+  --concurrency "$CONNECTIONS" --seconds "$DURATION" --bodies "$WORK/full/bodies.txt")
+BARE_RPS=$(echo "$BARE_JSON" | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["rate"]))')
+BARE_P50=$(echo "$BARE_JSON" | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["p50_ms"])')
+BARE_P99=$(echo "$BARE_JSON" | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["p99_ms"])')
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+echo
+echo "## Ingress benchmark $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(uname -r)), load avg before: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '| run | req/s | p50 ms | p99 ms | notes |\n|---|---|---|---|---|\n'
+printf '| plain HTTP server (no verify, no publish), %s conns | %s | %s | %s | ceiling of HTTP + wrk on this box |\n' "$CONNECTIONS" "$PLAIN_RPS" "$PLAIN_P50" "$PLAIN_P99"
+printf '| bare confirmed publisher, %s in flight | %s | %s | %s | ceiling of RabbitMQ confirms (quorum, 4 shard queues) |\n' "$CONNECTIONS" "$BARE_RPS" "$BARE_P50" "$BARE_P99"
+printf '| **ingress**, verified webhooks, %s conns | **%s** | %s | %s | non-2xx %s; published %s; replays %s; peak RSS %s MiB |\n' "$CONNECTIONS" "$ING_RPS" "$ING_P50" "$ING_P99" "$ING_NON2XX" "$PUBLISHED" "$REPLAYS" "$RSS_MIB"
+printf '| ingress at ~%s/s target (%s conns, think time) | %s | %s | **%s** | non-2xx %s |\n' "$RATE" "$RATE_CONNECTIONS" "$RATE_RPS" "$RATE_P50" "$RATE_P99" "$RATE_NON2XX"
+echo
+echo "ratios: ingress/plain = $(ratio "$ING_RPS" "$PLAIN_RPS"), ingress/bare publisher = $(ratio "$ING_RPS" "$BARE_RPS")"
+echo "targets: >= 20000 verified/s: $ING_RPS; p99 < 15 ms at ~$RATE/s: $RATE_P99 ms (at $RATE_RPS/s); RSS < 64 MiB: $RSS_MIB MiB"

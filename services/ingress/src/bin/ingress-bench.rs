@@ -1,0 +1,362 @@
+//! `ingress-bench`: the helpers of `deploy/bench-ingress.sh`. A fake config service (so the
+//! benchmark needs no database), pre-signed request files for wrk, the two reference points
+//! measured in the same run (a minimal HTTP server that neither verifies nor publishes, and a
+//! bare confirmed publisher with the same number of messages in flight), and the bench topology.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use lapin::{
+    ExchangeKind,
+    options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use prost::Message as _;
+use shopctrl_amqp::{Names, Outgoing, Publisher, declare_exchange};
+use shopctrl_ingress::{
+    fake_config::FakeConfig,
+    payload::parse_webhook,
+    signature::{sha256_hex, sign_jwt_hs256},
+};
+use shopctrl_proto::v1::IngressShop;
+use std::io::{BufRead, Write};
+
+#[derive(Parser)]
+#[command(name = "ingress-bench", about = "Helpers of deploy/bench-ingress.sh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve ConfigInternalService.GetIngressShop for one shop until SIGTERM.
+    FakeConfig {
+        #[arg(long, default_value = "127.0.0.1:50151")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "bench-ingress-token")]
+        token: String,
+        #[arg(long, default_value = "bench-shop")]
+        shop: String,
+        #[arg(long)]
+        signing_key: String,
+    },
+    /// Write bodies.txt and tokens.txt (`<body index>\t<JWT>`), one unique jti per token.
+    Gen {
+        #[arg(long)]
+        public_base: String,
+        #[arg(long, default_value = "bench-shop")]
+        shop: String,
+        #[arg(long)]
+        signing_key: String,
+        #[arg(long, default_value_t = 300_000)]
+        count: usize,
+        #[arg(long, default_value_t = 256)]
+        bodies: usize,
+        #[arg(long, default_value_t = 1800)]
+        lifetime_seconds: i64,
+        #[arg(long)]
+        out_dir: std::path::PathBuf,
+    },
+    /// A minimal HTTP server: reads the body, answers 200; no verification, no publishing.
+    PlainHttp {
+        #[arg(long, default_value = "127.0.0.1:18081")]
+        listen: SocketAddr,
+    },
+    /// Declare the inbound exchange and N bounded quorum shard queues under a prefix.
+    Setup {
+        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long, default_value_t = 4)]
+        shards: u16,
+        /// Oldest messages are dropped past this length, so the broker's memory stays bounded.
+        #[arg(long, default_value_t = 50_000)]
+        max_length: i64,
+    },
+    /// Delete what `setup` declared.
+    Teardown {
+        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long, default_value_t = 4)]
+        shards: u16,
+    },
+    /// Publish the same events ingress publishes, with confirms, `concurrency` in flight on
+    /// one shared channel (the shared Publisher), for `seconds`; prints JSON.
+    BarePublish {
+        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        amqp_url: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long)]
+        bodies: std::path::PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::FakeConfig { listen, token, shop, signing_key } => {
+            let fake = FakeConfig::new(&token);
+            fake.upsert(IngressShop {
+                shop_id: shop,
+                enabled: true,
+                signing_key,
+                handover_secret: "bench-handover-secret".into(),
+                legacy_signature_enabled: false,
+                version: 1,
+            });
+            let stop = shopctrl_runtime::shutdown_on_signal();
+            let addr = fake.serve(listen, stop.clone()).await?;
+            println!("fake config on {addr}");
+            stop.cancelled().await;
+        }
+        Cmd::Gen { public_base, shop, signing_key, count, bodies, lifetime_seconds, out_dir } => {
+            generate(&public_base, &shop, &signing_key, count, bodies, lifetime_seconds, &out_dir)?;
+        }
+        Cmd::PlainHttp { listen } => {
+            let router = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
+                std::hint::black_box(body.len());
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    r#"{"status":"accepted"}"#,
+                )
+            });
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            let stop = shopctrl_runtime::shutdown_on_signal();
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await?;
+        }
+        Cmd::Setup { amqp_url, prefix, shards, max_length } => {
+            let names = Names::new(prefix);
+            let conn = shopctrl_amqp::connect(&amqp_url, "ingress-bench-setup").await?;
+            let channel = conn.create_channel().await?;
+            declare_exchange(&channel, &names.inbound_exchange(), ExchangeKind::Direct).await?;
+            for shard in 0..shards {
+                let queue = names.inbound_shard_queue(shard);
+                let mut args = FieldTable::default();
+                args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
+                args.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(max_length));
+                channel
+                    .queue_declare(
+                        queue.as_str().into(),
+                        QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
+                        args,
+                    )
+                    .await
+                    .with_context(|| format!("declaring {queue}"))?;
+                channel
+                    .queue_bind(
+                        queue.as_str().into(),
+                        names.inbound_exchange().as_str().into(),
+                        format!("shard.{shard}").as_str().into(),
+                        Default::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            let _ = conn.close(200, "ok".into()).await;
+        }
+        Cmd::Teardown { amqp_url, prefix, shards } => {
+            let names = Names::new(prefix);
+            let conn = shopctrl_amqp::connect(&amqp_url, "ingress-bench-teardown").await?;
+            for shard in 0..shards {
+                let channel = conn.create_channel().await?;
+                let _ = channel
+                    .queue_delete(names.inbound_shard_queue(shard).as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let channel = conn.create_channel().await?;
+            let _ = channel
+                .exchange_delete(names.inbound_exchange().as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+            let _ = conn.close(200, "ok".into()).await;
+        }
+        Cmd::BarePublish { amqp_url, prefix, shards, concurrency, seconds, bodies } => {
+            bare_publish(&amqp_url, &prefix, shards, concurrency, seconds, &bodies).await?;
+        }
+    }
+    Ok(())
+}
+
+fn generate(
+    public_base: &str,
+    shop: &str,
+    key: &str,
+    count: usize,
+    bodies: usize,
+    lifetime: i64,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let url = format!("{}/webhooks/messagebird/{shop}", public_base.trim_end_matches('/'));
+    let mut all = Vec::new();
+    for i in 0..bodies.max(1) {
+        let conversation = uuid::Uuid::new_v4().simple().to_string();
+        let platform = if i % 4 == 3 { "livechat" } else { "whatsapp" };
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        // The shape of a real WhatsApp inbound text webhook (payloads/ in the tests).
+        let body = serde_json::json!({
+            "contact": { "id": uuid::Uuid::new_v4().simple().to_string(),
+                "href": "https://contacts.messagebird.com/v2/contacts/9354647c5a144c3b8f7c4ba4e5e6ee6a",
+                "msisdn": 31_612_340_000u64 + i as u64, "displayName": "Jane Doe", "firstName": "Jane",
+                "lastName": "Doe", "customDetails": {}, "attributes": {},
+                "createdDatetime": "2023-05-02T09:10:11Z", "updatedDatetime": "2023-05-02T09:14:03Z" },
+            "conversation": { "id": conversation, "contactId": "9354647c5a144c3b8f7c4ba4e5e6ee6a",
+                "status": "active", "createdDatetime": "2023-05-02T09:10:11Z", "updatedDatetime": now,
+                "lastReceivedDatetime": now, "lastUsedChannelId": "619747f69cf940a98fb443140ce9aed2",
+                "lastUsedPlatformId": platform,
+                "messages": { "totalCount": 3, "href": format!("https://conversations.messagebird.com/v1/conversations/{conversation}/messages") } },
+            "message": { "id": uuid::Uuid::new_v4().simple().to_string(), "conversationId": conversation,
+                "platform": platform, "to": "+31970102030", "from": format!("+{}", 31_612_340_000u64 + i as u64),
+                "channelId": "619747f69cf940a98fb443140ce9aed2", "type": "text",
+                "content": { "text": format!("Hi, I would like to talk to a person about my order {i}") },
+                "direction": "received", "status": "received", "createdDatetime": now, "updatedDatetime": now },
+            "type": "message.created"
+        });
+        all.push(body.to_string());
+    }
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("bodies.txt"))?);
+    for body in &all {
+        writeln!(out, "{body}")?;
+    }
+    out.flush()?;
+    let hashes: Vec<String> = all.iter().map(|b| sha256_hex(b.as_bytes())).collect();
+    let url_hash = sha256_hex(url.as_bytes());
+    let now = chrono::Utc::now().timestamp();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("tokens.txt"))?);
+    for i in 0..count {
+        let index = i % all.len();
+        let token = sign_jwt_hs256(
+            key.as_bytes(),
+            &serde_json::json!({
+                "iss": "MessageBird", "nbf": now - 1, "exp": now + lifetime,
+                "jti": uuid::Uuid::new_v4().to_string(),
+                "url_hash": url_hash, "payload_hash": hashes[index],
+            }),
+        );
+        writeln!(out, "{}\t{token}", index + 1)?;
+    }
+    out.flush()?;
+    eprintln!("wrote {count} signed requests over {} bodies", all.len());
+    Ok(())
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    f64::from(sorted[rank.min(sorted.len() - 1)]) / 1000.0
+}
+
+async fn bare_publish(
+    url: &str,
+    prefix: &str,
+    shards: u32,
+    concurrency: usize,
+    seconds: u64,
+    bodies: &std::path::Path,
+) -> anyhow::Result<()> {
+    let names = Names::new(prefix);
+    let shard_count = shopctrl_domain::ShardCount::new(shards)?;
+    // The very events ingress would publish for these bodies.
+    let mut events = Vec::new();
+    for line in std::io::BufReader::new(std::fs::File::open(bodies)?).lines() {
+        let line = line?;
+        let parsed = parse_webhook(line.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut event = parsed.event;
+        event.shop_id = "bench-shop".into();
+        event.raw_body = line.into_bytes();
+        let key = shopctrl_domain::shard_routing_key("bench-shop", &event.messagebird_conversation_id, shard_count);
+        events.push((key, parsed.event_id, event.encode_to_vec()));
+    }
+    let events = Arc::new(events);
+    let publisher = Publisher::connect(url, "ingress-bench-bare", Duration::from_secs(10)).await?;
+    let exchange: Arc<str> = names.inbound_exchange().into();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..concurrency {
+        let (publisher, events, exchange, stop, done, failed) = (
+            publisher.clone(),
+            events.clone(),
+            exchange.clone(),
+            stop.clone(),
+            done.clone(),
+            failed.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(1 << 16);
+            let mut i = worker;
+            let headers: Vec<(String, String)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (key, id, payload) = &events[i % events.len()];
+                i += concurrency;
+                let t = Instant::now();
+                let result = publisher
+                    .publish(Outgoing {
+                        exchange: &exchange,
+                        routing_key: key,
+                        message_type: "shopctrl.messaging.v1.InboundWebhookEvent",
+                        message_id: id,
+                        payload,
+                        headers: &headers,
+                        mandatory: true,
+                    })
+                    .await;
+                match result {
+                    Ok(()) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await?);
+    }
+    all.sort_unstable();
+    println!(
+        "{}",
+        serde_json::json!({
+            "confirmed": done.load(Ordering::Relaxed),
+            "failed": failed.load(Ordering::Relaxed),
+            "seconds": elapsed,
+            "rate": done.load(Ordering::Relaxed) as f64 / elapsed,
+            "p50_ms": percentile(&all, 50.0),
+            "p99_ms": percentile(&all, 99.0),
+            "concurrency": concurrency,
+        })
+    );
+    Ok(())
+}
