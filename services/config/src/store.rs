@@ -405,6 +405,7 @@ impl Store {
                     whatsapp_template_language, new_conversation_on_closed, conversation_slots,
                     legacy_signature_enabled, version)
                  values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1)
+                 on conflict (shop_id) do nothing
                  returning {SETTINGS_COLUMNS}"
             )
         } else {
@@ -429,8 +430,12 @@ impl Store {
             .bind(after.new_conversation_on_closed)
             .bind(i32::try_from(after.conversation_slots).unwrap_or(i32::MAX))
             .bind(after.legacy_signature_enabled)
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+        let Some(row) = row else {
+            // Another admin created the settings between our read and our insert.
+            return Err(ServiceError::stale_version(shop_id, expected_version, 1));
+        };
         let stored = SettingsRecord::from_row(&row)?;
         for (name, value) in secret_updates {
             if let Some(value) = value {

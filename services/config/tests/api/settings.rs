@@ -449,6 +449,27 @@ async fn stale_versions_are_refused() -> TestResult {
         .update_shop_settings(as_owner(full_update(0)))
         .await?;
 
+    // Two admins creating the same shop's settings at once: one wins, the other is told.
+    service
+        .grant_role("shop-race", OWNER, Role::ShopOwnerAdmin)
+        .await;
+    let create = |slots: u32| UpdateShopSettingsRequest {
+        shop_id: "shop-race".into(),
+        expected_version: 0,
+        conversation_slots: Some(slots),
+        ..Default::default()
+    };
+    let (mut first, mut second) = (service.admin(), service.admin());
+    let (a, b) = tokio::join!(
+        first.update_shop_settings(as_owner(create(1))),
+        second.update_shop_settings(as_owner(create(2))),
+    );
+    assert_eq!([a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(), 1);
+    assert_eq!(
+        a.err().or(b.err()).expect("a loser").code(),
+        Code::FailedPrecondition
+    );
+
     // Creating twice.
     let status = service
         .admin()
