@@ -40,26 +40,27 @@ cleanup() {
 trap cleanup EXIT
 
 echo "# setting up $SHOPS shops x $CANDIDATES candidates from $EMPLOYEES employees under $base" >&2
-{
-  echo "SET ${P}epoch 1"
-  # redis-benchmark's __rand_int__ expands to 12 digits: shop and customer ids use that form.
-  for ((s = 0; s < SHOPS; s++)); do
-    shop=$(printf 'shop-%012d' "$s")
-    echo "HSET ${P}shop:$shop slots 1000000"
-    members=""
-    for ((k = 0; k < CANDIDATES; k++)); do
-      members+=" emp-$(( (s * 7 + k * 131) % EMPLOYEES ))"
-    done
-    echo "SADD ${P}shop:$shop:cand$members"
-  done
-  for ((e = 0; e < EMPLOYEES; e++)); do
-    if (( e % 10 == 0 )); then echo "HSET ${P}emp:emp-$e away 1"; fi
-    for ((o = 0; o < e % 5; o++)); do
-      echo "SADD ${P}emp:emp-$e:open pre-$e-$o"
-    done
-    echo "HSET ${P}emp:emp-$e n $((e % 5)) idle $e"
-  done
-} | cli >/dev/null
+# One script writes the data in the layout of services/routing/src/slots/lua/common.lua (the
+# employee state is struct-packed: committed, pending, earliest expiry, idle, away, version).
+# redis-benchmark's __rand_int__ expands to 12 digits: shop ids use that form.
+cli EVAL "
+  local P, shops, emps, cands = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  redis.call('SET', KEYS[1], '1')
+  for s = 0, shops - 1 do
+    local shop = P .. 'shop:' .. string.format('shop-%012d', s)
+    redis.call('HSET', shop, 'slots', 1000000)
+    for k = 0, cands - 1 do
+      redis.call('SADD', shop .. ':cand', 'emp-' .. ((s * 7 + k * 131) % emps))
+    end
+  end
+  for e = 0, emps - 1 do
+    local n = e % 5
+    for o = 1, n do redis.call('SADD', P .. 'emp:emp-' .. e .. ':open', 'pre-' .. e .. '-' .. o) end
+    local away = 0
+    if e % 10 == 0 then away = 1 end
+    redis.call('HSET', P .. 'st', 'emp-' .. e, struct.pack('>iiddid', n, 0, 0, e - emps - 1, away, 0))
+  end
+  return 1" 1 "${P}epoch" "$P" "$SHOPS" "$EMPLOYEES" "$CANDIDATES" >/dev/null
 
 claim_sha=$(cli SCRIPT LOAD "$(cat "$lua/common.lua"; echo; cat "$lua/claim.lua")")
 trivial_sha=$(cli SCRIPT LOAD "return 1")

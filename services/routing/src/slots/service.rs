@@ -1079,7 +1079,9 @@ impl SlotService {
                 self.engine.rebuild_step(token, "last", &args).await?;
             }
         }
-        let ranks: Vec<String> = (1..=idle.len()).map(|i| i.to_string()).collect();
+        // Negative ranks: after every stamp handed out later, before anyone never assigned.
+        let n = idle.len() as i64;
+        let ranks: Vec<String> = (1..=n).map(|i| (i - n - 1).to_string()).collect();
         for (employees, stamps) in idle.chunks(250).zip(ranks.chunks(250)) {
             let mut args: Vec<&str> = Vec::new();
             for (employee, stamp) in employees.iter().zip(stamps) {

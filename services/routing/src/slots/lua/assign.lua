@@ -3,11 +3,11 @@
 -- Returns {'rebuild'} | {'existing', employee, epoch} | {'busy', employee, epoch}
 --       | {'no_permission', epoch} | {'full', open, slots, epoch}
 --       | {'claimed', employee, epoch, open_before, slots, over_limit(0|1), previous owner or ''}
-local ep = redis.call('GET', KEYS[1])
+local ep = epoch()
 if not ep then return { 'rebuild' } end
-local now = now_us()
-local conv, shop, e, force = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ttl = tonumber(ARGV[6]) * 1000
+local now = now_ms()
+local conv, shop, e, force, cust = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[7] or ''
+local ttl = tonumber(ARGV[6])
 
 local o = owner(conv, now)
 if o and o.e == e then return { 'existing', e, ep } end
@@ -17,15 +17,20 @@ if redis.call('SISMEMBER', P .. 'shop:' .. shop .. ':cand', e) == 0 then
   return { 'no_permission', ep }
 end
 local slots = tonumber(redis.call('HGET', P .. 'shop:' .. shop, 'slots') or '0')
-local l = load_of(e, now)
+local s = get_st(e)
+local l = live(s, e, now)
 local over = '0'
 if l >= slots then
-  if force ~= '1' then return { 'full', tostring(l), tostring(slots), ep } end
+  if force ~= '1' then
+    put_st(e, s)
+    return { 'full', tostring(l), tostring(slots), ep }
+  end
   over = '1'
 end
 local prev = nil
 if o then prev = o.e end
-take_pending(conv, shop, e, now, ttl, prev)
-touch(e, now)
-if ARGV[7] and ARGV[7] ~= '' then redis.call('HSET', P .. 'last:' .. shop, ARGV[7], e) end
+take_pending(s, conv, shop, e, now, ttl, prev)
+s.idle = stamp()
+put_st(e, s)
+if cust ~= '' then redis.call('HSET', P .. 'shop:' .. shop, 'c:' .. cust, e) end
 return { 'claimed', e, ep, tostring(l), tostring(slots), over, prev or '' }

@@ -2,11 +2,11 @@
 -- ARGV: prefix, conversation, shop, customer ('' if none), pending ttl (ms).
 -- Returns {'rebuild'} | {'existing', employee, epoch, pending(0|1)}
 --       | {'none', reason, epoch} | {'claimed', employee, epoch, open_before, slots}
-local ep = redis.call('GET', KEYS[1])
+local ep = epoch()
 if not ep then return { 'rebuild' } end
-local now = now_us()
+local now = now_ms()
 local conv, shop, cust = ARGV[2], ARGV[3], ARGV[4]
-local ttl = tonumber(ARGV[5]) * 1000
+local ttl = tonumber(ARGV[5])
 
 -- Idempotent per conversation: a retried claim returns the same employee, no second slot.
 local o = owner(conv, now)
@@ -16,28 +16,33 @@ if o then
   return { 'existing', o.e, ep, pending }
 end
 
-local slots = tonumber(redis.call('HGET', P .. 'shop:' .. shop, 'slots') or '0')
+local sk = P .. 'shop:' .. shop
+local sh = redis.call('HMGET', sk, 'slots', 'c:' .. cust)
+local slots = tonumber(sh[1] or '0')
 if slots <= 0 then return { 'none', 'slots_zero', ep } end
-local cands = redis.call('SMEMBERS', P .. 'shop:' .. shop .. ':cand')
+local cands = redis.call('SMEMBERS', sk .. ':cand')
 if #cands == 0 then return { 'none', 'no_permission', ep } end
 
 local sticky = nil
-if cust ~= '' then sticky = redis.call('HGET', P .. 'last:' .. shop, cust) end
+if cust ~= '' then sticky = sh[2] end
 
-local best, best_load, best_idle = nil, 0, 0
+local raw = redis.call('HMGET', ST, unpack(cands))
+local best, best_s, best_load = nil, nil, 0
 local present = false
-for _, e in ipairs(cands) do
-  local l, away, idle = state_of(e, now)
-  if not away then
+for i, e in ipairs(cands) do
+  local s = parse(raw[i])
+  if s.away == 0 then
     present = true
+    local l, purged = live(s, e, now)
+    if purged then put_st(e, s) end
     if l < slots then
       if e == sticky then
-        best, best_load = e, l
+        best, best_s, best_load = e, s, l
         break
       end
       if best == nil or l < best_load
-        or (l == best_load and (idle < best_idle or (idle == best_idle and e < best))) then
-        best, best_load, best_idle = e, l, idle
+        or (l == best_load and (s.idle < best_s.idle or (s.idle == best_s.idle and e < best))) then
+        best, best_s, best_load = e, s, l
       end
     end
   end
@@ -48,7 +53,8 @@ if not best then
   return { 'none', 'all_away', ep }
 end
 
-take_pending(conv, shop, best, now, ttl, nil)
-touch(best, now)
-if cust ~= '' then redis.call('HSET', P .. 'last:' .. shop, cust, best) end
+take_pending(best_s, conv, shop, best, now, ttl, nil)
+best_s.idle = stamp()
+put_st(best, best_s)
+if cust ~= '' and sticky ~= best then redis.call('HSET', sk, 'c:' .. cust, best) end
 return { 'claimed', best, ep, tostring(best_load), tostring(slots) }

@@ -2,7 +2,7 @@
 -- ARGV: prefix, op, a, b. Ops: slots(shop, n) | grant(shop, employee) | revoke(shop, employee)
 --       | away(employee) | present(employee).
 -- Returns {'rebuild'} | {'ok'}
-local ep = redis.call('GET', KEYS[1])
+local ep = epoch()
 if not ep then return { 'rebuild' } end
 local op, a, b = ARGV[2], ARGV[3], ARGV[4]
 if op == 'slots' then
@@ -11,10 +11,10 @@ elseif op == 'grant' then
   redis.call('SADD', P .. 'shop:' .. a .. ':cand', b)
 elseif op == 'revoke' then
   redis.call('SREM', P .. 'shop:' .. a .. ':cand', b)
-elseif op == 'away' then
-  redis.call('HSET', ek(a), 'away', '1')
-elseif op == 'present' then
-  redis.call('HDEL', ek(a), 'away')
+elseif op == 'away' or op == 'present' then
+  local s = get_st(a)
+  if op == 'away' then s.away = 1 else s.away = 0 end
+  put_st(a, s)
 else
   return redis.error_reply('unknown op ' .. tostring(op))
 end

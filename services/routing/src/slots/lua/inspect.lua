@@ -1,13 +1,14 @@
 -- What Redis holds for employee ARGV[2]: {'ok', version, live pending, open conversations...}
 -- or {'rebuild'}.
-local ep = redis.call('GET', KEYS[1])
+local ep = epoch()
 if not ep then return { 'rebuild' } end
-local now = now_us()
+local now = now_ms()
 local e = ARGV[2]
-local ver = redis.call('HGET', ek(e), 'ver') or '0'
-local pending = purge(e, now)
-local out = { 'ok', ver, tostring(pending) }
-for _, c in ipairs(redis.call('SMEMBERS', ek(e) .. ':open')) do
+local s = get_st(e)
+purge(s, e, now)
+put_st(e, s)
+local out = { 'ok', tostring(s.ver), tostring(s.p) }
+for _, c in ipairs(redis.call('SMEMBERS', ok_key(e))) do
   table.insert(out, c)
 end
 return out

@@ -11,36 +11,43 @@
 local op, token = ARGV[2], ARGV[3]
 local lease = P .. 'lease'
 if op == 'begin' then
-  if redis.call('GET', KEYS[1]) then return { 'done' } end
+  if epoch() then return { 'done' } end
   if redis.call('SET', lease, token, 'NX', 'PX', ARGV[4]) then return { 'lease' } end
   return { 'busy' }
 end
 if redis.call('GET', lease) ~= token then return { 'lost' } end
-if redis.call('GET', KEYS[1]) then return { 'done' } end
+if epoch() then return { 'done' } end
 if op == 'shop' then
-  local s = ARGV[4]
-  redis.call('HSET', P .. 'shop:' .. s, 'slots', ARGV[5])
+  local shop = ARGV[4]
+  redis.call('HSET', P .. 'shop:' .. shop, 'slots', ARGV[5])
   for i = 6, #ARGV do
-    redis.call('SADD', P .. 'shop:' .. s .. ':cand', ARGV[i])
+    redis.call('SADD', P .. 'shop:' .. shop .. ':cand', ARGV[i])
   end
 elseif op == 'away' then
-  for i = 4, #ARGV do redis.call('HSET', ek(ARGV[i]), 'away', '1') end
+  for i = 4, #ARGV do
+    local s = get_st(ARGV[i])
+    s.away = 1
+    put_st(ARGV[i], s)
+  end
 elseif op == 'open' then
   local e = ARGV[4]
+  local s = get_st(e)
   for i = 5, #ARGV, 2 do
-    add_open(e, ARGV[i])
+    add_open(s, e, ARGV[i])
     redis.call('HSET', P .. 'conv:' .. ARGV[i], 'e', e, 's', ARGV[i + 1], 'exp', '0')
   end
-  bump(e)
+  s.ver = s.ver + 1
+  put_st(e, s)
 elseif op == 'last' then
-  local s = ARGV[4]
-  for i = 5, #ARGV, 2 do redis.call('HSET', P .. 'last:' .. s, ARGV[i], ARGV[i + 1]) end
+  local shop = ARGV[4]
+  for i = 5, #ARGV, 2 do redis.call('HSET', P .. 'shop:' .. shop, 'c:' .. ARGV[i], ARGV[i + 1]) end
 elseif op == 'idle' then
-  for i = 4, #ARGV, 2 do redis.call('HSET', ek(ARGV[i]), 'idle', ARGV[i + 1]) end
+  for i = 4, #ARGV, 2 do
+    local s = get_st(ARGV[i])
+    s.idle = tonumber(ARGV[i + 1])
+    put_st(ARGV[i], s)
+  end
 elseif op == 'finish' then
-  local now = now_us()
-  local last = tonumber(redis.call('GET', P .. 'clock') or '0')
-  if last < now then redis.call('SET', P .. 'clock', fmt(now)) end
   redis.call('SET', KEYS[1], ARGV[4])
   redis.call('DEL', lease)
 else

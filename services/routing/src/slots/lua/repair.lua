@@ -3,13 +3,18 @@
 -- a repair must never erase a claim that is about to commit.
 -- ARGV: prefix, employee, version, then pairs conversation, shop.
 -- Returns {'rebuild'} | {'skipped'} | {'repaired', added, removed}
-local ep = redis.call('GET', KEYS[1])
+local ep = epoch()
 if not ep then return { 'rebuild' } end
-local now = now_us()
+local now = now_ms()
 local e, ver = ARGV[2], ARGV[3]
-if (redis.call('HGET', ek(e), 'ver') or '0') ~= ver then return { 'skipped' } end
-if purge(e, now) > 0 then return { 'skipped' } end
-local ok = ek(e) .. ':open'
+local s = get_st(e)
+if tostring(s.ver) ~= ver then return { 'skipped' } end
+purge(s, e, now)
+if s.p > 0 then
+  put_st(e, s)
+  return { 'skipped' }
+end
+local ok = ok_key(e)
 local want = {}
 for i = 4, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
 local removed, added = 0, 0
@@ -21,14 +26,15 @@ for _, c in ipairs(redis.call('SMEMBERS', ok)) do
     removed = removed + 1
   end
 end
-for c, s in pairs(want) do
+for c, shop in pairs(want) do
   if redis.call('SADD', ok, c) == 1 then
     local ck = P .. 'conv:' .. c
     redis.call('DEL', ck)
-    redis.call('HSET', ck, 'e', e, 's', s, 'exp', '0')
+    redis.call('HSET', ck, 'e', e, 's', shop, 'exp', '0')
     added = added + 1
   end
 end
-redis.call('HSET', ek(e), 'n', redis.call('SCARD', ok))
-if added + removed > 0 then bump(e) end
+s.n = redis.call('SCARD', ok)
+if added + removed > 0 then s.ver = s.ver + 1 end
+put_st(e, s)
 return { 'repaired', tostring(added), tostring(removed) }
