@@ -175,6 +175,7 @@ async fn close_in_record(pool: &PgPool, id: Uuid) {
 }
 
 type Row = (String, Option<String>, Option<String>, bool);
+type RecordRow = (Uuid, String, Option<String>, Option<String>, bool);
 
 async fn record(pool: &PgPool, id: Uuid) -> Row {
     sqlx::query_as(
@@ -189,7 +190,7 @@ async fn record(pool: &PgPool, id: Uuid) -> Row {
 
 /// Every conversation's state, assignee, reason and handover flag.
 async fn records(pool: &PgPool) -> HashMap<Uuid, Row> {
-    let rows: Vec<(Uuid, String, Option<String>, Option<String>, bool)> = sqlx::query_as(
+    let rows: Vec<RecordRow> = sqlx::query_as(
         "select conversation_id, state, assignee_employee_id, unassigned_reason, via_handover
          from conversations",
     )

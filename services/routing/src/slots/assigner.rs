@@ -63,7 +63,8 @@ impl SlotAssigner {
         let version: i64 = row.try_get("version")?;
         let refreshed: chrono::DateTime<chrono::Utc> = row.try_get("refreshed_at")?;
         let synced_version: Option<i64> = row.try_get("synced_version")?;
-        let synced_refresh: Option<chrono::DateTime<chrono::Utc>> = row.try_get("synced_refresh")?;
+        let synced_refresh: Option<chrono::DateTime<chrono::Utc>> =
+            row.try_get("synced_refresh")?;
         if !force && synced_version == Some(version) && synced_refresh == Some(refreshed) {
             return Ok(());
         }
@@ -211,7 +212,10 @@ impl SlotAssigner {
 }
 
 impl Assigner for SlotAssigner {
-    fn conversation_waiting(&self, conversation_id: Uuid) -> BoxFuture<'_, Result<(), AssignError>> {
+    fn conversation_waiting(
+        &self,
+        conversation_id: Uuid,
+    ) -> BoxFuture<'_, Result<(), AssignError>> {
         Box::pin(async move {
             let Some(shop) = self.shop_of(conversation_id).await? else {
                 return Ok(());

@@ -15,11 +15,14 @@
 //! last served the customer if among them; otherwise the least loaded, ties to the one whose
 //! last assignment or close is longest ago (then the smallest employee id).
 
+pub mod assigner;
 pub mod engine;
 pub mod service;
+pub mod wiring;
 
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
+pub use assigner::SlotAssigner;
 pub use engine::{
     AssignOutcome, ClaimOutcome, Claimed, ConfirmOutcome, EmployeeState, RebuildStart, ReleaseMode,
     ReleaseOutcome, SlotEngine, script_source,

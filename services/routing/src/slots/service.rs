@@ -644,7 +644,7 @@ impl SlotService {
             outcome: Some(outcome),
         };
         outbox_enqueue(
-            &mut **tx,
+            tx,
             &OutboxMessage {
                 event_id,
                 exchange: self.settings.flow_exchange.clone(),
