@@ -69,23 +69,32 @@ trivial_sha=$(cli SCRIPT LOAD "return 1")
 reply=$(cli EVALSHA "$claim_sha" 1 "${P}epoch" "$P" sanity-1 "shop-000000000001" cust-1 "$PENDING_TTL_MS" | head -1)
 [[ "$reply" == "claimed" ]] || { echo "claim script answered '$reply', expected 'claimed'" >&2; exit 1; }
 
-rps() { # prints requests per second and p50/p99 from redis-benchmark's CSV line
+evalsha_stats() { # total EVALSHA calls and microseconds the server spent in them
+  cli INFO commandstats | awk -F'[:=,]' '/^cmdstat_evalsha:/ { print $3, $5 }'
+}
+
+rps() { # prints requests per second, p50, p99 and server microseconds per call
+  local before after
+  before=$(evalsha_stats)
   redis-benchmark -h "$HOST" -p "$PORT" -c "$CLIENTS" -n "$REQUESTS" -r 1000 --csv "$@" \
-    | awk -F'","' 'NR == 2 { gsub(/"/, "", $0); split($0, f, ","); printf "%s %s %s\n", f[2], f[5], f[7] }'
+    | awk -F'","' 'NR == 2 { gsub(/"/, "", $0); split($0, f, ","); printf "%s %s %s ", f[2], f[5], f[7] }'
+  after=$(evalsha_stats)
+  awk -v b="$before" -v a="$after" 'BEGIN { split(b, x, " "); split(a, y, " ");
+    printf "%.1f\n", (y[2] - x[2]) / ((y[1] - x[1]) > 0 ? (y[1] - x[1]) : 1) }'
 }
 
 declare -a trivial claim
-echo "round trivial_rps trivial_p50_ms trivial_p99_ms claim_rps claim_p50_ms claim_p99_ms ratio"
+echo "round trivial_rps trivial_p50_ms trivial_p99_ms trivial_server_us claim_rps claim_p50_ms claim_p99_ms claim_server_us ratio"
 for ((r = 1; r <= ROUNDS; r++)); do
   t=$(rps EVALSHA "$trivial_sha" 1 "${P}trivial")
   # Conversation ids: three random 12-digit groups, so repeats (cheap "existing" answers) are rare.
   c=$(rps EVALSHA "$claim_sha" 1 "${P}epoch" "$P" "c__rand_int____rand_int____rand_int__" \
         "shop-__rand_int__" "cust-__rand_int__" "$PENDING_TTL_MS")
-  read -r trps tp50 tp99 <<<"$t"
-  read -r crps cp50 cp99 <<<"$c"
+  read -r trps tp50 tp99 tus <<<"$t"
+  read -r crps cp50 cp99 cus <<<"$c"
   trivial+=("$trps"); claim+=("$crps")
   ratio=$(awk -v a="$crps" -v b="$trps" 'BEGIN { printf "%.2f", a / b }')
-  echo "$r $trps $tp50 $tp99 $crps $cp50 $cp99 $ratio"
+  echo "$r $trps $tp50 $tp99 $tus $crps $cp50 $cp99 $cus $ratio"
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
