@@ -1214,3 +1214,145 @@ async fn slots_concurrent_consumers_with_redis_loss() {
     .unwrap();
     assert_eq!(reasons, vec![Some("slots_zero".to_owned())]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Through part 1's seam: config synced from the local copy, handovers on unknown and closed
+// conversations, withdrawal.
+
+#[tokio::test]
+async fn slots_seam_handover_unknown_closed_and_withdrawal() {
+    use shopctrl_routing::assign::Assigner;
+    use shopctrl_routing::slots::SlotAssigner;
+
+    let h = harness(Duration::from_secs(30)).await;
+    let seam = SlotAssigner::new(h.svc.clone());
+    // Part 1's local copy of the config service's data.
+    sqlx::query(
+        "insert into shop_settings (shop_id, enabled, assign_on_first_message,
+           new_conversation_on_closed, conversation_slots, version)
+         values ('sh', true, false, false, 2, 1)",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "insert into shop_members (shop_id, employee_id, role, chat_permission, display_name)
+         values ('sh', 'ann', 1, true, 'Ann'), ('sh', 'bob', 1, false, 'Bob')",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    let request = pb::HandoverRequest {
+        shop_id: "sh".into(),
+        messagebird_conversation_id: "mb-x".into(),
+        msisdn: "+31 6 1234 5678".into(),
+        ..Default::default()
+    };
+    let open_one = |pool: PgPool| async move {
+        sqlx::query_as::<_, (Uuid, String, Option<String>, bool)>(
+            "select conversation_id, state, assignee_employee_id, via_handover from conversations
+             where shop_id = 'sh' and messagebird_conversation_id = 'mb-x' and state <> 'closed'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+
+    // Unknown conversation (the handover overtook the message): created and claimed.
+    seam.handover(request.clone()).await.unwrap();
+    let (first, state, assignee, via) = open_one(h.pool.clone()).await;
+    assert_eq!(
+        (state.as_str(), assignee.as_deref(), via),
+        ("assigned", Some("ann"), true)
+    );
+    let msisdn: Option<String> = sqlx::query_scalar(
+        "select cu.msisdn from conversations c join customers cu using (customer_id)
+         where c.conversation_id = $1",
+    )
+    .bind(first)
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(msisdn.as_deref(), Some("31612345678"));
+    // Repeated: nothing changes, the flow hears "assigned" again.
+    seam.handover(request.clone()).await.unwrap();
+    assert_eq!(open_one(h.pool.clone()).await.0, first);
+    assert_eq!(flow_events(&h.pool, first).await.len(), 2);
+
+    // Closed, setting "new conversation on closed" off: the same conversation is reopened.
+    close_in_record(&h.pool, first).await;
+    seam.capacity_changed("sh", Some("ann")).await.unwrap();
+    assert_eq!(
+        h.svc
+            .engine()
+            .inspect("ann")
+            .await
+            .unwrap()
+            .unwrap()
+            .open
+            .len(),
+        0
+    );
+    seam.handover(request.clone()).await.unwrap();
+    let (again, state, assignee, _) = open_one(h.pool.clone()).await;
+    assert_eq!(again, first);
+    assert_eq!(
+        (state.as_str(), assignee.as_deref()),
+        ("assigned", Some("ann"))
+    );
+
+    // Setting on: a new conversation.
+    sqlx::query(
+        "update shop_settings set new_conversation_on_closed = true, version = 2 where shop_id = 'sh'",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    close_in_record(&h.pool, first).await;
+    seam.capacity_changed("sh", Some("ann")).await.unwrap();
+    seam.handover(request.clone()).await.unwrap();
+    let (second, state, assignee, _) = open_one(h.pool.clone()).await;
+    assert_ne!(second, first);
+    assert_eq!(
+        (state.as_str(), assignee.as_deref()),
+        ("assigned", Some("ann"))
+    );
+
+    // Bob has no Chat permission: a manual assignment to him is refused.
+    assert!(matches!(
+        seam.manual_assign(second, "bob", true).await,
+        Err(shopctrl_routing::assign::AssignError::Refused(_))
+    ));
+    // The limit is lowered to 1 and the change reported: Ann keeps her conversation.
+    sqlx::query(
+        "update shop_settings set conversation_slots = 1, version = 3 where shop_id = 'sh'",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    seam.capacity_changed("sh", None).await.unwrap();
+    assert_eq!(record(&h.pool, second).await.1.as_deref(), Some("ann"));
+    // Ann loses the role (part 1 removed the member first): her conversation goes back to the
+    // queue, nobody else may chat, so it waits with that reason.
+    sqlx::query("delete from shop_members where shop_id = 'sh' and employee_id = 'ann'")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    seam.role_withdrawn("sh", "ann").await.unwrap();
+    let (state, assignee, reason, _) = record(&h.pool, second).await;
+    assert_eq!(
+        (state.as_str(), assignee, reason.as_deref()),
+        ("waiting_for_employee", None, Some("no_permission"))
+    );
+    // Bob gets the permission: the waiting conversation is his at once.
+    sqlx::query("update shop_members set chat_permission = true where employee_id = 'bob'")
+        .execute(&h.pool)
+        .await
+        .unwrap();
+    seam.capacity_changed("sh", Some("bob")).await.unwrap();
+    assert_eq!(record(&h.pool, second).await.1.as_deref(), Some("bob"));
+    let events = flow_events(&h.pool, second).await;
+    assert!(matches!(&events.last().unwrap().outcome,
+        Some(pb::flow_event::Outcome::Assigned(a)) if a.from_queue && a.employee_id == "bob" && a.display_name == "Bob"));
+    check_log(&h.pool).await.unwrap();
+}
