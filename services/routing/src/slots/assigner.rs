@@ -28,14 +28,21 @@ impl From<SlotError> for AssignError {
 }
 
 /// [`Assigner`] with atomic slot claims.
-#[derive(Clone)]
 pub struct SlotAssigner {
     svc: SlotService,
+    /// Stops background work (the drift check) when the assigner goes away.
+    _stop: Option<tokio_util::sync::DropGuard>,
 }
 
 impl SlotAssigner {
     pub fn new(svc: SlotService) -> Self {
-        Self { svc }
+        Self { svc, _stop: None }
+    }
+
+    /// Cancels `stop` when this assigner is dropped.
+    pub fn stopping_on_drop(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
+        self._stop = Some(stop.drop_guard());
+        self
     }
 
     pub fn service(&self) -> &SlotService {

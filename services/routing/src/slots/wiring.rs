@@ -62,36 +62,38 @@ pub fn metrics() -> &'static SlotMetrics {
     &METRICS
 }
 
-/// Connects to Redis and builds the assigner; flow events go to `flow_exchange`.
+/// Connects to Redis and builds the assigner; flow events go to `flow_exchange`. The drift
+/// check (which also rebuilds the slot data after a loss) runs in the background until the
+/// assigner is dropped.
+///
+/// Without `SLOTS_KEY_PREFIX` the keys live under `<database name>:`, so every deployment
+/// (and every test database) sharing a Redis server has its own slot data.
 pub async fn build(
     pool: &PgPool,
     args: &SlotsArgs,
     flow_exchange: String,
 ) -> Result<Arc<SlotAssigner>, SlotError> {
+    let prefix = if args.slots_key_prefix.is_empty() {
+        let database: String = sqlx::query_scalar("select current_database()")
+            .fetch_one(pool)
+            .await?;
+        format!("{database}:")
+    } else {
+        args.slots_key_prefix.clone()
+    };
     let engine = SlotEngine::connect(
         &args.redis_url,
-        &args.slots_key_prefix,
+        &prefix,
         Duration::from_secs(args.slots_pending_ttl_seconds.max(1)),
     )
     .await?;
     let mut settings = SlotSettings::new(flow_exchange);
     settings.rebuild_lease = Duration::from_secs(args.slots_rebuild_lease_seconds.max(1));
     let svc = SlotService::new(pool.clone(), engine, settings, metrics().clone());
-    Ok(Arc::new(SlotAssigner::new(svc)))
-}
-
-/// The drift check (which also rebuilds after a loss) until `shutdown`.
-pub async fn run_maintenance(
-    assigner: Arc<SlotAssigner>,
-    args: SlotsArgs,
-    shutdown: CancellationToken,
-) {
-    assigner
-        .service()
-        .clone()
-        .run_maintenance(
-            Duration::from_secs(args.slots_drift_check_seconds.max(1)),
-            shutdown,
-        )
-        .await;
+    let stop = CancellationToken::new();
+    tokio::spawn(svc.clone().run_maintenance(
+        Duration::from_secs(args.slots_drift_check_seconds.max(1)),
+        stop.clone(),
+    ));
+    Ok(Arc::new(SlotAssigner::new(svc).stopping_on_drop(stop)))
 }
