@@ -112,6 +112,7 @@ impl Backends {
         env.insert("AMQP_PREFIX".into(), self.amqp.prefix().to_owned());
         env.insert("REDIS_URL".into(), self.redis.url().to_owned());
         env.insert("REDIS_KEY_PREFIX".into(), self.redis.prefix().to_owned());
+        env.insert("SLOTS_KEY_PREFIX".into(), self.redis.prefix().to_owned());
         env.insert("ROUTING_SHARDS".into(), shards.to_string());
         env.insert("LOG_FORMAT".into(), "json".into());
         env.insert(
