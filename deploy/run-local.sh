@@ -17,6 +17,7 @@ export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/}
 # A prefix of its own so the demo never mixes with other users of the same broker and Redis.
 export AMQP_PREFIX=${AMQP_PREFIX:-demo.}
 export REDIS_KEY_PREFIX=${REDIS_KEY_PREFIX:-demo:}
+export SLOTS_KEY_PREFIX=${SLOTS_KEY_PREFIX:-demo:}
 export ROUTING_SHARDS=${ROUTING_SHARDS:-4}
 export LOG_FORMAT=json RUST_LOG=${RUST_LOG:-info}
 export ALLOW_HTTP_WEBHOOK_URLS=true
