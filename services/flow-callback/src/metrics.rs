@@ -11,6 +11,18 @@ use prometheus_client::{
 
 type Labels = Vec<(&'static str, &'static str)>;
 
+/// Every outcome label of `flow_callback_deliveries_total`.
+pub const OUTCOMES: [&str; 8] = [
+    "delivered",
+    "retried",
+    "stale",
+    "refused",
+    "failed",
+    "skipped",
+    "duplicate",
+    "gave_up",
+];
+
 fn attempt_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 12))
 }
@@ -46,6 +58,15 @@ impl Metrics {
             "Duration of one HTTP delivery attempt, by kind",
             metrics.attempt_seconds.clone(),
         );
+        // Every series exists from the start, so dashboards and alerts see zeros, not gaps.
+        for kind in ["flow", "send"] {
+            for outcome in OUTCOMES {
+                let _ = metrics
+                    .deliveries
+                    .get_or_create(&vec![("kind", kind), ("outcome", outcome)]);
+            }
+            let _ = metrics.dead_lettered.get_or_create(&vec![("kind", kind)]);
+        }
         metrics
     }
 
