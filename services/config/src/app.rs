@@ -155,17 +155,32 @@ impl App {
         let pool = connect_and_migrate(&settings).await?;
 
         let names = Names::new(settings.amqp_prefix.clone());
-        let publisher = Publisher::connect(
-            settings.amqp_url.expose(),
-            "shopctrl-config",
-            Duration::from_secs(10),
+        // A broker that accepts TCP but never completes the handshake would otherwise hang the
+        // start forever; failing lets Kubernetes restart the pod and report it.
+        let broker_timeout = Duration::from_secs(30);
+        let publisher = tokio::time::timeout(
+            broker_timeout,
+            Publisher::connect(
+                settings.amqp_url.expose(),
+                "shopctrl-config",
+                Duration::from_secs(10),
+            ),
         )
         .await
+        .map_err(|_| {
+            anyhow::anyhow!("RabbitMQ (AMQP_URL) did not answer within {broker_timeout:?}")
+        })?
         .context("cannot connect to RabbitMQ (AMQP_URL)")?;
-        let channel = publisher.channel().await?;
-        declare_exchange(&channel, &names.config_exchange(), ExchangeKind::Fanout)
-            .await
-            .context("cannot declare the config exchange")?;
+        tokio::time::timeout(broker_timeout, async {
+            let channel = publisher.channel().await?;
+            declare_exchange(&channel, &names.config_exchange(), ExchangeKind::Fanout)
+                .await
+                .context("cannot declare the config exchange")
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("declaring the config exchange took over {broker_timeout:?}")
+        })??;
 
         let metrics = Metrics::new();
         let store = Store::new(pool.clone(), keys, names.config_exchange());
