@@ -73,10 +73,13 @@ impl GrpcConfigSource {
 fn classify(status: tonic::Status) -> ConfigSourceError {
     use tonic::Code;
     match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Internal
-        | Code::ResourceExhausted | Code::Aborted | Code::Cancelled => {
-            ConfigSourceError::Unavailable(status.message().to_owned())
-        }
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Unknown
+        | Code::Internal
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Cancelled => ConfigSourceError::Unavailable(status.message().to_owned()),
         _ => ConfigSourceError::Refused(format!("{:?}: {}", status.code(), status.message())),
     }
 }
@@ -243,7 +246,9 @@ impl Directory {
         .bind(employee_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| member_from_row(&row)).transpose().map_err(Into::into)
+        row.map(|row| member_from_row(&row))
+            .transpose()
+            .map_err(Into::into)
     }
 
     /// Asks the config service directly (used when the local copy says no, so a grant whose
@@ -294,7 +299,8 @@ fn settings_from_row(row: &sqlx::postgres::PgRow) -> Result<ShopSettings, sqlx::
 fn member_from_row(row: &sqlx::postgres::PgRow) -> Result<Member, sqlx::Error> {
     Ok(Member {
         employee_id: row.try_get("employee_id")?,
-        role: Role::try_from(i32::from(row.try_get::<i16, _>("role")?)).unwrap_or(Role::Unspecified),
+        role: Role::try_from(i32::from(row.try_get::<i16, _>("role")?))
+            .unwrap_or(Role::Unspecified),
         chat_permission: row.try_get("chat_permission")?,
         display_name: row.try_get("display_name")?,
     })
@@ -364,7 +370,10 @@ pub enum AccessChange {
         employee_id: Option<String>,
     },
     /// The employee lost the role or the Chat permission at the shop.
-    Withdrawn { shop_id: String, employee_id: String },
+    Withdrawn {
+        shop_id: String,
+        employee_id: String,
+    },
 }
 
 /// Applies one ConfigChanged event to the local copy. Settings changes older than the stored
@@ -401,10 +410,12 @@ pub async fn apply_config_changed(
             .await?
             .rows_affected();
             match previous {
-                Some(before) if updated > 0 && slots > before => Ok(AccessChange::CapacityChanged {
-                    shop_id,
-                    employee_id: None,
-                }),
+                Some(before) if updated > 0 && slots > before => {
+                    Ok(AccessChange::CapacityChanged {
+                        shop_id,
+                        employee_id: None,
+                    })
+                }
                 _ => Ok(AccessChange::Nothing),
             }
         }

@@ -11,13 +11,13 @@ use futures::Stream;
 use shopctrl_amqp::Names;
 use shopctrl_domain::EmployeeId;
 use shopctrl_proto::v1::{
-    CloseConversationRequest, Conversation, ConversationClosedEvent, ConversationHistory,
-    DialogFilter, Direction, EmployeeEvent, GetConversationRequest, GetLinkedHistoryRequest,
-    GetLinkedHistoryResponse, LinkConversationRequest, ListDialogsRequest, ListDialogsResponse,
-    ListMessagesRequest, ListMessagesResponse, MessageStatus, OutboundSend, PageInfo,
-    PageRequest, Presence, ReplyRequest, ReplyResponse, Role, SetPresenceRequest,
-    SetPresenceResponse, SubscribeEventsRequest, AssignConversationRequest, employee_event,
-    history_link::Target as LinkKind, conversation_service_server::ConversationService,
+    AssignConversationRequest, CloseConversationRequest, Conversation, ConversationClosedEvent,
+    ConversationHistory, DialogFilter, Direction, EmployeeEvent, GetConversationRequest,
+    GetLinkedHistoryRequest, GetLinkedHistoryResponse, LinkConversationRequest, ListDialogsRequest,
+    ListDialogsResponse, ListMessagesRequest, ListMessagesResponse, MessageStatus, OutboundSend,
+    PageInfo, PageRequest, Presence, ReplyRequest, ReplyResponse, Role, SetPresenceRequest,
+    SetPresenceResponse, SubscribeEventsRequest, conversation_service_server::ConversationService,
+    employee_event, history_link::Target as LinkKind,
 };
 use sqlx::{PgPool, Row};
 use tokio_stream::wrappers::ReceiverStream;
@@ -157,14 +157,14 @@ fn page(page: Option<&PageRequest>) -> Result<(Option<Cursor>, i64), ApiError> {
     if page.page_size > 200 {
         return Err(ApiError::invalid("page.page_size", "at most 200"));
     }
-    let cursor = if page.page_token.is_empty() {
-        None
-    } else {
-        Some(
-            Cursor::decode(&page.page_token)
-                .ok_or_else(|| ApiError::invalid("page.page_token", "not a token this API issued"))?,
-        )
-    };
+    let cursor =
+        if page.page_token.is_empty() {
+            None
+        } else {
+            Some(Cursor::decode(&page.page_token).ok_or_else(|| {
+                ApiError::invalid("page.page_token", "not a token this API issued")
+            })?)
+        };
     Ok((cursor, store::page_size(page.page_size)))
 }
 
@@ -185,12 +185,20 @@ fn link_id(field: &'static str, raw: &str) -> Result<String, ApiError> {
 impl Api {
     /// The employee's standing at the shop, asking the config service when the local copy
     /// says no (a grant whose event has not arrived yet must not be refused).
-    async fn standing(&self, shop_id: &str, employee: &EmployeeId) -> Result<Option<Member>, ApiError> {
+    async fn standing(
+        &self,
+        shop_id: &str,
+        employee: &EmployeeId,
+    ) -> Result<Option<Member>, ApiError> {
         let local = self.directory.member(shop_id, employee.as_str()).await?;
         if local.as_ref().is_some_and(|m| m.chat_permission) {
             return Ok(local);
         }
-        match self.directory.confirm_member(shop_id, employee.as_str()).await {
+        match self
+            .directory
+            .confirm_member(shop_id, employee.as_str())
+            .await
+        {
             Ok(confirmed) => Ok(confirmed),
             Err(error) if error.is_transient() => {
                 tracing::warn!(%error, "config service unreachable; deciding on the local copy");
@@ -218,9 +226,9 @@ impl Api {
         }
     }
 
-    /// The conversation, after checking the Chat permission at its shop. An unknown id and a
-    /// conversation of a shop the employee may not chat for look the same from outside? No:
-    /// NotFound for unknown ids, PermissionDenied otherwise (ids are unguessable UUIDs).
+    /// The conversation, after checking the Chat permission at its shop: NotFound for an
+    /// unknown id, PermissionDenied otherwise (ids are random UUIDs, so telling the two apart
+    /// reveals nothing useful).
     async fn conversation_for_chat(
         &self,
         raw_id: &str,
@@ -236,7 +244,11 @@ impl Api {
         Ok(conversation)
     }
 
-    async fn list_dialogs(&self, employee: EmployeeId, request: ListDialogsRequest) -> Result<ListDialogsResponse, ApiError> {
+    async fn list_dialogs(
+        &self,
+        employee: EmployeeId,
+        request: ListDialogsRequest,
+    ) -> Result<ListDialogsResponse, ApiError> {
         let shop_id = parse_shop(&request.shop_id)?;
         let filter = DialogFilter::try_from(request.filter).unwrap_or(DialogFilter::Unspecified);
         let scope = match filter {
@@ -258,7 +270,11 @@ impl Api {
         })
     }
 
-    async fn list_messages(&self, employee: EmployeeId, request: ListMessagesRequest) -> Result<ListMessagesResponse, ApiError> {
+    async fn list_messages(
+        &self,
+        employee: EmployeeId,
+        request: ListMessagesRequest,
+    ) -> Result<ListMessagesResponse, ApiError> {
         let (cursor, limit) = page(request.page.as_ref())?;
         let conversation = self
             .conversation_for_chat(&request.conversation_id, &employee)
@@ -272,20 +288,32 @@ impl Api {
         })
     }
 
-    async fn linked_history(&self, employee: EmployeeId, request: GetLinkedHistoryRequest) -> Result<GetLinkedHistoryResponse, ApiError> {
+    async fn linked_history(
+        &self,
+        employee: EmployeeId,
+        request: GetLinkedHistoryRequest,
+    ) -> Result<GetLinkedHistoryResponse, ApiError> {
         let shop_id = parse_shop(&request.shop_id)?;
         let target = match request.link.and_then(|l| l.target) {
-            Some(LinkKind::CustomerId(id)) => LinkTarget::Customer(parse_uuid("link.customer_id", &id)?),
+            Some(LinkKind::CustomerId(id)) => {
+                LinkTarget::Customer(parse_uuid("link.customer_id", &id)?)
+            }
             Some(LinkKind::OrderId(id)) => LinkTarget::Order(link_id("link.order_id", &id)?),
             Some(LinkKind::TicketId(id)) => LinkTarget::Ticket(link_id("link.ticket_id", &id)?),
-            None => return Err(ApiError::invalid("link", "a customer, order or ticket id is required")),
+            None => {
+                return Err(ApiError::invalid(
+                    "link",
+                    "a customer, order or ticket id is required",
+                ));
+            }
         };
         let (cursor, limit) = page(request.page.as_ref())?;
         // Only a role: the calling ShopCtrl service vouches for access to the linked object.
         self.require_role(&shop_id, &employee).await?;
         let mut conn = self.pool.acquire().await?;
         let (conversations, next) =
-            store::linked_conversations(&mut conn, &shop_id, &target, cursor.as_ref(), limit).await?;
+            store::linked_conversations(&mut conn, &shop_id, &target, cursor.as_ref(), limit)
+                .await?;
         let mut histories = Vec::with_capacity(conversations.len());
         for conversation in conversations {
             let id = parse_uuid("conversation_id", &conversation.conversation_id)?;
@@ -302,7 +330,11 @@ impl Api {
         })
     }
 
-    async fn link(&self, employee: EmployeeId, request: LinkConversationRequest) -> Result<Conversation, ApiError> {
+    async fn link(
+        &self,
+        employee: EmployeeId,
+        request: LinkConversationRequest,
+    ) -> Result<Conversation, ApiError> {
         let (kind, target) = match request.link.and_then(|l| l.target) {
             Some(LinkKind::OrderId(id)) => ("order", link_id("link.order_id", &id)?),
             Some(LinkKind::TicketId(id)) => ("ticket", link_id("link.ticket_id", &id)?),
@@ -312,7 +344,12 @@ impl Api {
                     "customers are linked automatically by phone number",
                 ));
             }
-            None => return Err(ApiError::invalid("link", "an order or ticket id is required")),
+            None => {
+                return Err(ApiError::invalid(
+                    "link",
+                    "an order or ticket id is required",
+                ));
+            }
         };
         let conversation = self
             .conversation_for_chat(&request.conversation_id, &employee)
@@ -333,7 +370,11 @@ impl Api {
             .ok_or(ApiError::NotFound("conversation"))
     }
 
-    async fn close(&self, employee: EmployeeId, request: CloseConversationRequest) -> Result<Conversation, ApiError> {
+    async fn close(
+        &self,
+        employee: EmployeeId,
+        request: CloseConversationRequest,
+    ) -> Result<Conversation, ApiError> {
         let conversation = self
             .conversation_for_chat(&request.conversation_id, &employee)
             .await?;
@@ -387,14 +428,22 @@ impl Api {
         Ok(closed)
     }
 
-    async fn assign(&self, employee: EmployeeId, request: AssignConversationRequest) -> Result<Conversation, ApiError> {
+    async fn assign(
+        &self,
+        employee: EmployeeId,
+        request: AssignConversationRequest,
+    ) -> Result<Conversation, ApiError> {
         let target = EmployeeId::parse(request.employee_id.trim())
             .map_err(|e| ApiError::invalid("employee_id", e.to_string()))?;
         let conversation = self
             .conversation_for_chat(&request.conversation_id, &employee)
             .await?;
         let id = parse_uuid("conversation_id", &conversation.conversation_id)?;
-        match self.assigner.manual_assign(id, target.as_str(), request.force).await {
+        match self
+            .assigner
+            .manual_assign(id, target.as_str(), request.force)
+            .await
+        {
             Ok(_) => {}
             Err(AssignError::NoFreeSlot) => {
                 return Err(ApiError::ResourceExhausted(
@@ -402,9 +451,13 @@ impl Api {
                 ));
             }
             Err(AssignError::NotFound) => return Err(ApiError::NotFound("conversation")),
-            Err(AssignError::Refused(message)) => return Err(ApiError::FailedPrecondition(message)),
+            Err(AssignError::Refused(message)) => {
+                return Err(ApiError::FailedPrecondition(message));
+            }
             Err(AssignError::Unsupported) => {
-                return Err(ApiError::Unimplemented("manual assignment is not available yet".into()));
+                return Err(ApiError::Unimplemented(
+                    "manual assignment is not available yet".into(),
+                ));
             }
             Err(AssignError::Unavailable(message)) => return Err(ApiError::Unavailable(message)),
         }
@@ -414,7 +467,11 @@ impl Api {
             .ok_or(ApiError::NotFound("conversation"))
     }
 
-    async fn reply(&self, employee: EmployeeId, request: ReplyRequest) -> Result<ReplyResponse, ApiError> {
+    async fn reply(
+        &self,
+        employee: EmployeeId,
+        request: ReplyRequest,
+    ) -> Result<ReplyResponse, ApiError> {
         let text = request.text.trim();
         if text.is_empty() {
             return Err(ApiError::invalid("text", "must not be empty"));
@@ -424,7 +481,10 @@ impl Api {
         }
         let client_id = request.client_message_id.trim();
         if client_id.len() > 128 {
-            return Err(ApiError::invalid("client_message_id", "at most 128 characters"));
+            return Err(ApiError::invalid(
+                "client_message_id",
+                "at most 128 characters",
+            ));
         }
         let client_id = Some(client_id).filter(|c| !c.is_empty()).map(str::to_owned);
         let conversation = self
@@ -437,7 +497,9 @@ impl Api {
             });
         }
         if conversation.state == shopctrl_proto::v1::ConversationState::Closed as i32 {
-            return Err(ApiError::FailedPrecondition("the conversation is closed".into()));
+            return Err(ApiError::FailedPrecondition(
+                "the conversation is closed".into(),
+            ));
         }
         let customer = conversation.customer.clone().unwrap_or_default();
         let message_id = Uuid::now_v7();
@@ -510,7 +572,14 @@ impl Api {
             customer_last_received_at: last_received.map(store::to_timestamp),
         };
         self.sink
-            .publish(&mut tx, event_id, self.names.outbound_exchange(), "send", "OutboundSend", &send)
+            .publish(
+                &mut tx,
+                event_id,
+                self.names.outbound_exchange(),
+                "send",
+                "OutboundSend",
+                &send,
+            )
             .await?;
         let message = store::load_message(&mut tx, message_id).await?;
         tx.commit().await?;
@@ -541,7 +610,11 @@ impl Api {
         }
     }
 
-    async fn set_presence(&self, employee: EmployeeId, request: SetPresenceRequest) -> Result<SetPresenceResponse, ApiError> {
+    async fn set_presence(
+        &self,
+        employee: EmployeeId,
+        request: SetPresenceRequest,
+    ) -> Result<SetPresenceResponse, ApiError> {
         let target = if request.employee_id.trim().is_empty() {
             employee
         } else {
@@ -568,7 +641,11 @@ impl Api {
             .fetch_all(&self.pool)
             .await?;
             for shop_id in shops {
-                if let Err(error) = self.assigner.capacity_changed(&shop_id, Some(target.as_str())).await {
+                if let Err(error) = self
+                    .assigner
+                    .capacity_changed(&shop_id, Some(target.as_str()))
+                    .await
+                {
                     tracing::warn!(%error, "assigner not told about an employee coming online");
                 }
             }
@@ -584,12 +661,20 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<EmployeeEvent, Status>> + Se
 
 #[tonic::async_trait]
 impl ConversationService for Api {
-    async fn list_dialogs(&self, request: Request<ListDialogsRequest>) -> Result<Response<ListDialogsResponse>, Status> {
+    async fn list_dialogs(
+        &self,
+        request: Request<ListDialogsRequest>,
+    ) -> Result<Response<ListDialogsResponse>, Status> {
         let employee = acting(&request)?;
-        Ok(Response::new(Api::list_dialogs(self, employee, request.into_inner()).await?))
+        Ok(Response::new(
+            Api::list_dialogs(self, employee, request.into_inner()).await?,
+        ))
     }
 
-    async fn get_conversation(&self, request: Request<GetConversationRequest>) -> Result<Response<Conversation>, Status> {
+    async fn get_conversation(
+        &self,
+        request: Request<GetConversationRequest>,
+    ) -> Result<Response<Conversation>, Status> {
         let employee = acting(&request)?;
         let conversation = self
             .conversation_for_chat(&request.get_ref().conversation_id, &employee)
@@ -597,44 +682,82 @@ impl ConversationService for Api {
         Ok(Response::new(conversation))
     }
 
-    async fn list_messages(&self, request: Request<ListMessagesRequest>) -> Result<Response<ListMessagesResponse>, Status> {
+    async fn list_messages(
+        &self,
+        request: Request<ListMessagesRequest>,
+    ) -> Result<Response<ListMessagesResponse>, Status> {
         let employee = acting(&request)?;
-        Ok(Response::new(Api::list_messages(self, employee, request.into_inner()).await?))
+        Ok(Response::new(
+            Api::list_messages(self, employee, request.into_inner()).await?,
+        ))
     }
 
-    async fn get_linked_history(&self, request: Request<GetLinkedHistoryRequest>) -> Result<Response<GetLinkedHistoryResponse>, Status> {
+    async fn get_linked_history(
+        &self,
+        request: Request<GetLinkedHistoryRequest>,
+    ) -> Result<Response<GetLinkedHistoryResponse>, Status> {
         let employee = acting(&request)?;
-        Ok(Response::new(self.linked_history(employee, request.into_inner()).await?))
+        Ok(Response::new(
+            self.linked_history(employee, request.into_inner()).await?,
+        ))
     }
 
-    async fn link_conversation(&self, request: Request<LinkConversationRequest>) -> Result<Response<Conversation>, Status> {
+    async fn link_conversation(
+        &self,
+        request: Request<LinkConversationRequest>,
+    ) -> Result<Response<Conversation>, Status> {
         let employee = acting(&request)?;
-        Ok(Response::new(self.link(employee, request.into_inner()).await?))
+        Ok(Response::new(
+            self.link(employee, request.into_inner()).await?,
+        ))
     }
 
-    async fn close_conversation(&self, request: Request<CloseConversationRequest>) -> Result<Response<Conversation>, Status> {
+    async fn close_conversation(
+        &self,
+        request: Request<CloseConversationRequest>,
+    ) -> Result<Response<Conversation>, Status> {
         let employee = acting(&request)?;
-        Ok(Response::new(self.close(employee, request.into_inner()).await?))
+        Ok(Response::new(
+            self.close(employee, request.into_inner()).await?,
+        ))
     }
 
-    async fn assign_conversation(&self, request: Request<AssignConversationRequest>) -> Result<Response<Conversation>, Status> {
+    async fn assign_conversation(
+        &self,
+        request: Request<AssignConversationRequest>,
+    ) -> Result<Response<Conversation>, Status> {
         let employee = acting(&request)?;
-        Ok(Response::new(self.assign(employee, request.into_inner()).await?))
+        Ok(Response::new(
+            self.assign(employee, request.into_inner()).await?,
+        ))
     }
 
-    async fn reply(&self, request: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+    async fn reply(
+        &self,
+        request: Request<ReplyRequest>,
+    ) -> Result<Response<ReplyResponse>, Status> {
         let employee = acting(&request)?;
-        Ok(Response::new(Api::reply(self, employee, request.into_inner()).await?))
+        Ok(Response::new(
+            Api::reply(self, employee, request.into_inner()).await?,
+        ))
     }
 
-    async fn set_presence(&self, request: Request<SetPresenceRequest>) -> Result<Response<SetPresenceResponse>, Status> {
+    async fn set_presence(
+        &self,
+        request: Request<SetPresenceRequest>,
+    ) -> Result<Response<SetPresenceResponse>, Status> {
         let employee = acting(&request)?;
-        Ok(Response::new(Api::set_presence(self, employee, request.into_inner()).await?))
+        Ok(Response::new(
+            Api::set_presence(self, employee, request.into_inner()).await?,
+        ))
     }
 
     type SubscribeEventsStream = EventStream;
 
-    async fn subscribe_events(&self, request: Request<SubscribeEventsRequest>) -> Result<Response<Self::SubscribeEventsStream>, Status> {
+    async fn subscribe_events(
+        &self,
+        request: Request<SubscribeEventsRequest>,
+    ) -> Result<Response<Self::SubscribeEventsStream>, Status> {
         let employee = acting(&request)?;
         let after = request.get_ref().after_sequence;
         let (events, receiver) = tokio::sync::mpsc::channel::<EmployeeEvent>(64);
@@ -642,7 +765,9 @@ impl ConversationService for Api {
         let hub = self.hub.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
-            let end = notify::serve_stream(pool, hub, employee.to_string(), after, events, shutdown).await;
+            let end =
+                notify::serve_stream(pool, hub, employee.to_string(), after, events, shutdown)
+                    .await;
             tracing::debug!(?end, "event stream ended");
         });
         let stream = tokio_stream::StreamExt::map(ReceiverStream::new(receiver), Ok);

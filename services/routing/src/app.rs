@@ -79,9 +79,11 @@ fn connect_options(settings: &Settings) -> Result<PgConnectOptions, StartError> 
 pub async fn migrate(settings: &Settings) -> Result<(), StartError> {
     let options = connect_options(settings)?;
     let mut conn = options.connect().await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("create schema if not exists {SCHEMA}")))
-        .execute(&mut conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create schema if not exists {SCHEMA}"
+    )))
+    .execute(&mut conn)
+    .await?;
     sqlx::migrate!("./migrations").run(&mut conn).await?;
     let _ = conn.close().await;
     Ok(())
@@ -124,12 +126,13 @@ impl App {
                 reason: "must be at least 1".into(),
             });
         }
-        let tokens = Tokens::parse(settings.auth_tokens.as_ref().map(|t| t.expose())).map_err(|e| {
-            StartError::Setting {
-                name: "AUTH_TOKENS",
-                reason: e.to_string(),
-            }
-        })?;
+        let tokens =
+            Tokens::parse(settings.auth_tokens.as_ref().map(|t| t.expose())).map_err(|e| {
+                StartError::Setting {
+                    name: "AUTH_TOKENS",
+                    reason: e.to_string(),
+                }
+            })?;
         let pool = PgPoolOptions::new()
             .max_connections(settings.database_max_connections)
             .acquire_timeout(Duration::from_secs(5))
@@ -141,16 +144,20 @@ impl App {
                 let token = match &settings.config_service_token {
                     Some(token) => token.expose().to_owned(),
                     None => {
-                        tracing::warn!("CONFIG_SERVICE_TOKEN is not set; using the development token");
+                        tracing::warn!(
+                            "CONFIG_SERVICE_TOKEN is not set; using the development token"
+                        );
                         "dev-routing-token".to_owned()
                     }
                 };
-                Arc::new(GrpcConfigSource::new(&settings.config_grpc_url, &token).map_err(|e| {
-                    StartError::Setting {
-                        name: "CONFIG_GRPC_URL",
-                        reason: e.to_string(),
-                    }
-                })?)
+                Arc::new(
+                    GrpcConfigSource::new(&settings.config_grpc_url, &token).map_err(|e| {
+                        StartError::Setting {
+                            name: "CONFIG_GRPC_URL",
+                            reason: e.to_string(),
+                        }
+                    })?,
+                )
             }
         };
         let directory = Directory::new(pool.clone(), config_source, settings.config_refresh());
@@ -167,13 +174,14 @@ impl App {
         let assigner = assign::default_assigner(&pool);
         let metrics = Metrics::new();
         let readiness = Readiness::default();
-        let grpc_listener = TcpListener::bind(settings.grpc_listen_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "gRPC",
-                addr: settings.grpc_listen_addr,
-                source,
-            })?;
+        let grpc_listener =
+            TcpListener::bind(settings.grpc_listen_addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "gRPC",
+                    addr: settings.grpc_listen_addr,
+                    source,
+                })?;
         let ops = OpsServer::bind(
             settings.ops_listen_addr,
             "routing",
@@ -258,7 +266,11 @@ impl App {
             broker_ready,
         });
         for shard in 0..shards.get() {
-            consumers.spawn(consumer::run_shard(shard_context.clone(), shard, shutdown.clone()));
+            consumers.spawn(consumer::run_shard(
+                shard_context.clone(),
+                shard,
+                shutdown.clone(),
+            ));
         }
         let side_context = SideContext {
             amqp_url: settings.amqp_url.expose().to_owned(),
@@ -283,7 +295,8 @@ impl App {
             "routing outbox",
             Duration::from_secs(10),
         );
-        let relay = OutboxRelay::new(pool.clone(), publisher).with_poll_interval(Duration::from_millis(200));
+        let relay = OutboxRelay::new(pool.clone(), publisher)
+            .with_poll_interval(Duration::from_millis(200));
         {
             let relay = relay.clone();
             let gauge = metrics.outbox_pending.clone();
@@ -359,9 +372,7 @@ impl App {
             .await;
         let grace = Duration::from_secs(settings.shutdown_grace_seconds);
         let drained = wait_with_grace(
-            async {
-                while consumers.join_next().await.is_some() {}
-            },
+            async { while consumers.join_next().await.is_some() {} },
             grace,
         )
         .await;
@@ -370,9 +381,7 @@ impl App {
         }
         after_drain.cancel();
         let _ = wait_with_grace(
-            async {
-                while background.join_next().await.is_some() {}
-            },
+            async { while background.join_next().await.is_some() {} },
             Duration::from_secs(5),
         )
         .await;

@@ -52,7 +52,8 @@ pub trait Assigner: Send + Sync + 'static {
     /// A customer message created or reopened `conversation_id`, or the conversation is still
     /// waiting for an employee when its event is redelivered (so a crash between commit and
     /// this call is repaired by the redelivery).
-    fn conversation_waiting(&self, conversation_id: Uuid) -> BoxFuture<'_, Result<(), AssignError>>;
+    fn conversation_waiting(&self, conversation_id: Uuid)
+    -> BoxFuture<'_, Result<(), AssignError>>;
     /// A flow asked for a human (see DESIGN.md's handover cases). Called in shard order, after
     /// every earlier event of that conversation was committed.
     fn handover(&self, request: HandoverRequest) -> BoxFuture<'_, Result<(), AssignError>>;
@@ -90,7 +91,10 @@ impl QueueOnly {
 }
 
 impl Assigner for QueueOnly {
-    fn conversation_waiting(&self, conversation_id: Uuid) -> BoxFuture<'_, Result<(), AssignError>> {
+    fn conversation_waiting(
+        &self,
+        conversation_id: Uuid,
+    ) -> BoxFuture<'_, Result<(), AssignError>> {
         Box::pin(async move {
             let Some(shop_id) = sqlx::query_scalar::<_, String>(
                 "select shop_id from conversations

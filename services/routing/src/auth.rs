@@ -79,7 +79,9 @@ pub struct Acting {
 }
 
 /// Interceptor for the agent API: a known token of caller `shopctrl` and an employee id.
-pub fn agent_interceptor(tokens: Tokens) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+pub fn agent_interceptor(
+    tokens: Tokens,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut request: Request<()>| {
         let token = request
             .metadata()

@@ -90,7 +90,11 @@ pub const INBOUND_KIND: &str = "inbound";
 
 /// Declares the inbound topology: the exchange, N shard queues, the dead-letter exchange and
 /// the inbound dead-letter queue. Idempotent.
-pub async fn declare_inbound(channel: &Channel, names: &Names, shards: u16) -> Result<(), TopologyError> {
+pub async fn declare_inbound(
+    channel: &Channel,
+    names: &Names,
+    shards: u16,
+) -> Result<(), TopologyError> {
     declare_exchange(channel, &names.inbound_exchange(), ExchangeKind::Direct).await?;
     declare_exchange(channel, &names.dead_letter_exchange(), ExchangeKind::Direct).await?;
     declare_queue(
@@ -185,9 +189,7 @@ async fn consume(
         let mut batch = vec![first];
         // Take what is already here, without waiting: an idle shard commits single events at
         // once, a busy one fills its batches.
-        while batch.len() < context.batch_size
-            && !is_handover(batch.last())
-        {
+        while batch.len() < context.batch_size && !is_handover(batch.last()) {
             match consumer.next().now_or_never() {
                 Some(Some(Ok(delivery))) => batch.push(delivery),
                 Some(Some(Err(error))) => return Err(error.into()),
@@ -220,12 +222,7 @@ async fn process_batch(
 ) -> Result<(), ShardError> {
     let decoded: Vec<Result<Inbound, String>> = batch
         .iter()
-        .map(|d| {
-            Inbound::decode(
-                d.properties.kind().as_ref().map(|k| k.as_str()),
-                &d.data,
-            )
-        })
+        .map(|d| Inbound::decode(d.properties.kind().as_ref().map(|k| k.as_str()), &d.data))
         .collect();
     let mut backoff = Duration::from_millis(50);
     let verdicts = loop {
@@ -326,9 +323,11 @@ async fn apply_batch(
         let mut attempt = 1;
         let verdict = loop {
             sqlx::query("savepoint event").execute(&mut *tx).await?;
-            match context.ingestor.apply(&mut *tx, &mut memo, inbound).await {
+            match context.ingestor.apply(&mut tx, &mut memo, inbound).await {
                 Ok(follow_ups) => {
-                    sqlx::query("release savepoint event").execute(&mut *tx).await?;
+                    sqlx::query("release savepoint event")
+                        .execute(&mut *tx)
+                        .await?;
                     break Verdict::Applied(follow_ups);
                 }
                 Err(IngestError::Transient(error)) => return Err(IngestError::Transient(error)),
@@ -359,7 +358,11 @@ async fn run_follow_ups(
     shutdown: &CancellationToken,
 ) -> bool {
     for conversation_id in follow_ups.waiting {
-        if !retry(shutdown, || context.assigner.conversation_waiting(conversation_id)).await {
+        if !retry(shutdown, || {
+            context.assigner.conversation_waiting(conversation_id)
+        })
+        .await
+        {
             return false;
         }
     }
@@ -403,12 +406,10 @@ async fn dead_letter(
 ) -> Result<(), ShardError> {
     tracing::error!(%reason, "dead-lettering inbound event");
     context.metrics.event("dead_lettered", 1);
-    context.metrics.dead_lettered(&context.names.dead_letter_queue(INBOUND_KIND));
-    let mut headers = delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
+    context
+        .metrics
+        .dead_lettered(&context.names.dead_letter_queue(INBOUND_KIND));
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
         ShortString::from("x-dead-letter-reason"),
         AMQPValue::LongString(reason.into()),

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use prost::Message as _;
 use shopctrl_domain::{message_status_from_messagebird, normalize_msisdn, status_update_allowed};
 use shopctrl_proto::v1::{
-    Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent,
-    MessageStatus, NewMessageEvent, UnsupportedMessageEvent, employee_event,
+    Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent, MessageStatus,
+    NewMessageEvent, UnsupportedMessageEvent, employee_event,
 };
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -25,8 +25,9 @@ use crate::{
 /// One decoded inbound event.
 #[derive(Debug, Clone)]
 pub enum Inbound {
-    Webhook(InboundWebhookEvent),
-    Handover(HandoverRequest),
+    // Boxed: both are large and batches hold many.
+    Webhook(Box<InboundWebhookEvent>),
+    Handover(Box<HandoverRequest>),
 }
 
 impl Inbound {
@@ -36,10 +37,10 @@ impl Inbound {
         let handover = store::proto_type("HandoverRequest");
         match message_type {
             Some(t) if t == webhook => InboundWebhookEvent::decode(data)
-                .map(Inbound::Webhook)
+                .map(|event| Inbound::Webhook(Box::new(event)))
                 .map_err(|e| format!("undecodable InboundWebhookEvent: {e}")),
             Some(t) if t == handover => HandoverRequest::decode(data)
-                .map(Inbound::Handover)
+                .map(|request| Inbound::Handover(Box::new(request)))
                 .map_err(|e| format!("undecodable HandoverRequest: {e}")),
             Some(other) => Err(format!("unexpected message type {other:?}")),
             None => Err("message without a type property".to_owned()),
@@ -136,7 +137,7 @@ impl Ingestor {
                 }
                 Ok(FollowUps {
                     waiting: Vec::new(),
-                    handovers: vec![request.clone()],
+                    handovers: vec![request.as_ref().clone()],
                 })
             }
             Inbound::Webhook(event) => {
@@ -160,11 +161,10 @@ impl Ingestor {
         if let Some(shop) = memo.get(shop_id) {
             return Ok(shop.clone());
         }
-        let shop = self
-            .directory
-            .shop(shop_id)
-            .await?
-            .ok_or_else(|| IngestError::Failed(format!("shop {shop_id} is unknown to config")))?;
+        let shop =
+            self.directory.shop(shop_id).await?.ok_or_else(|| {
+                IngestError::Failed(format!("shop {shop_id} is unknown to config"))
+            })?;
         memo.insert(shop_id.to_owned(), shop.clone());
         Ok(shop)
     }
@@ -178,7 +178,9 @@ impl Ingestor {
     ) -> Result<FollowUps, IngestError> {
         let mb_message_id = message.messagebird_message_id.trim();
         if mb_message_id.is_empty() {
-            return Err(IngestError::Failed("message without a MessageBird id".into()));
+            return Err(IngestError::Failed(
+                "message without a MessageBird id".into(),
+            ));
         }
         let mb_conversation_id = event.messagebird_conversation_id.trim();
         if mb_conversation_id.is_empty() {
@@ -211,20 +213,23 @@ impl Ingestor {
         if let Some(row) = existing {
             let current = store::status_of(i32::from(row.try_get::<i16, _>("status")?));
             if status_update_allowed(current, status) {
-                sqlx::query("update messages set status = $2, raw_status = $3 where message_id = $1")
-                    .bind(row.try_get::<Uuid, _>("message_id")?)
-                    .bind(status as i16)
-                    .bind(&message.raw_status)
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(
+                    "update messages set status = $2, raw_status = $3 where message_id = $1",
+                )
+                .bind(row.try_get::<Uuid, _>("message_id")?)
+                .bind(status as i16)
+                .bind(&message.raw_status)
+                .execute(&mut *conn)
+                .await?;
             }
             // Repairs a crash between commit and the assigner call: the redelivery asks again
             // (the assigner is idempotent).
             let state: Option<String> = row.try_get("state")?;
-            if direction == Direction::Received && state.as_deref() == Some("waiting_for_employee") {
-                if let Some(id) = row.try_get::<Option<Uuid>, _>("conversation_id")? {
-                    follow_ups.waiting.push(id);
-                }
+            if direction == Direction::Received
+                && state.as_deref() == Some("waiting_for_employee")
+                && let Some(id) = row.try_get::<Option<Uuid>, _>("conversation_id")?
+            {
+                follow_ups.waiting.push(id);
             }
             return Ok(follow_ups);
         }
@@ -303,7 +308,11 @@ impl Ingestor {
             )
             .bind(target.conversation_id)
             .bind(created_at)
-            .bind(store::preview(&message.text, &message.r#type, message.supported))
+            .bind(store::preview(
+                &message.text,
+                &message.r#type,
+                message.supported,
+            ))
             .execute(&mut *conn)
             .await?;
         }
@@ -322,8 +331,15 @@ impl Ingestor {
             .execute(&mut *conn)
             .await?;
         }
-        self.move_window(conn, &shop.shop_id, message, &contact, created_at, mb_message_id)
-            .await?;
+        self.move_window(
+            conn,
+            &shop.shop_id,
+            message,
+            &contact,
+            created_at,
+            mb_message_id,
+        )
+        .await?;
         if target.state == "waiting_for_employee" {
             follow_ups.waiting.push(target.conversation_id);
         }

@@ -43,9 +43,9 @@ impl Metrics {
             "Messages dead-lettered by a consumer",
             dead_lettered.clone(),
         );
-        let commit_latency = Histogram::new(
-            [0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter(),
-        );
+        let commit_latency = Histogram::new([
+            0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         registry.register(
             "routing_inbound_commit_seconds",
             "From ingress receiving a webhook to routing committing its effect",

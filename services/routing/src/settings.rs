@@ -45,7 +45,12 @@ pub struct Settings {
 
     /// Maximum number of PostgreSQL connections of this replica (one per shard consumer is
     /// needed, the rest serve the API and the outbox relay).
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", global = true, default_value_t = 16)]
+    #[arg(
+        long,
+        env = "DATABASE_MAX_CONNECTIONS",
+        global = true,
+        default_value_t = 16
+    )]
     pub database_max_connections: u32,
 
     /// RabbitMQ broker.
@@ -115,11 +120,21 @@ pub struct Settings {
 
     /// A shop's local copy of config data older than this is fetched again (a safety net
     /// behind the ConfigChanged events).
-    #[arg(long, env = "CONFIG_REFRESH_SECONDS", global = true, default_value_t = 600)]
+    #[arg(
+        long,
+        env = "CONFIG_REFRESH_SECONDS",
+        global = true,
+        default_value_t = 600
+    )]
     pub config_refresh_seconds: u64,
 
     /// How long a shutdown may take before in-flight work is abandoned.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", global = true, default_value_t = 20)]
+    #[arg(
+        long,
+        env = "SHUTDOWN_GRACE_SECONDS",
+        global = true,
+        default_value_t = 20
+    )]
     pub shutdown_grace_seconds: u64,
 }
 

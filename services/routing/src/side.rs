@@ -36,14 +36,18 @@ pub fn config_queue(names: &Names) -> String {
 }
 
 /// Declares the exchanges routing publishes to or reads from, and its side queues.
-pub async fn declare_side(channel: &lapin::Channel, names: &Names) -> Result<(), shopctrl_amqp::TopologyError> {
+pub async fn declare_side(
+    channel: &lapin::Channel,
+    names: &Names,
+) -> Result<(), shopctrl_amqp::TopologyError> {
     declare_exchange(channel, &names.outbound_exchange(), ExchangeKind::Direct).await?;
     declare_exchange(channel, &names.config_exchange(), ExchangeKind::Fanout).await?;
     declare_exchange(channel, &names.dead_letter_exchange(), ExchangeKind::Direct).await?;
     for kind in [RESULTS_KIND, CONFIG_KIND] {
         declare_queue(
             channel,
-            &QueueSpec::quorum(names.dead_letter_queue(kind)).bind(names.dead_letter_exchange(), kind),
+            &QueueSpec::quorum(names.dead_letter_queue(kind))
+                .bind(names.dead_letter_exchange(), kind),
         )
         .await?;
     }
@@ -140,7 +144,10 @@ async fn handle_result(context: &SideContext, incoming: Incoming) -> Handled {
         Err(error) => return Handled::Poison(format!("undecodable OutboundSendResult: {error}")),
     };
     let Ok(message_id) = Uuid::parse_str(&result.message_id) else {
-        return Handled::Poison(format!("result for a bad message id {:?}", result.message_id));
+        return Handled::Poison(format!(
+            "result for a bad message id {:?}",
+            result.message_id
+        ));
     };
     match apply_result(context, &incoming, &result, message_id).await {
         Ok(()) => Handled::Ack,
@@ -272,7 +279,9 @@ async fn handle_config(context: &SideContext, incoming: Incoming) -> Handled {
         .unwrap_or_default();
     let change = async {
         let mut tx = context.pool.begin().await?;
-        if !event_id.is_empty() && !store::first_time(&mut tx, &format!("config:{event_id}")).await? {
+        if !event_id.is_empty()
+            && !store::first_time(&mut tx, &format!("config:{event_id}")).await?
+        {
             return Ok::<_, sqlx::Error>(AccessChange::Nothing);
         }
         let change = apply_config_changed(&mut tx, &event).await?;

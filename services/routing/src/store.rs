@@ -114,11 +114,7 @@ pub struct Cursor {
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        URL_SAFE_NO_PAD.encode(format!(
-            "{}|{}",
-            self.at.timestamp_micros(),
-            self.tie
-        ))
+        URL_SAFE_NO_PAD.encode(format!("{}|{}", self.at.timestamp_micros(), self.tie))
     }
 
     pub fn decode(token: &str) -> Option<Self> {
@@ -223,7 +219,8 @@ pub async fn load_conversation(
     conn: &mut PgConnection,
     conversation_id: Uuid,
 ) -> Result<Option<Conversation>, sqlx::Error> {
-    let sql = format!("select {CONVERSATION_COLUMNS} {CONVERSATION_FROM} where c.conversation_id = $1");
+    let sql =
+        format!("select {CONVERSATION_COLUMNS} {CONVERSATION_FROM} where c.conversation_id = $1");
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(conversation_id)
         .fetch_optional(&mut *conn)
@@ -318,7 +315,11 @@ pub async fn linked_conversations(
     limit: i64,
 ) -> Result<(Vec<Conversation>, Option<Cursor>), sqlx::Error> {
     let (filter, kind, value) = match target {
-        LinkTarget::Customer(id) => ("c.customer_id::text = $4 and $5::text is null", None, id.to_string()),
+        LinkTarget::Customer(id) => (
+            "c.customer_id::text = $4 and $5::text is null",
+            None,
+            id.to_string(),
+        ),
         LinkTarget::Order(id) => (
             "exists (select 1 from conversation_links l where l.conversation_id = c.conversation_id
                      and l.target_id = $4 and l.kind = $5)",
@@ -381,7 +382,9 @@ fn message_from_row(row: &PgRow) -> Result<Message, sqlx::Error> {
             .try_get::<Option<String>, _>("sent_by_employee_id")?
             .unwrap_or_default(),
         created_at: Some(to_timestamp(row.try_get("created_at")?)),
-        failure: row.try_get::<Option<String>, _>("failure")?.unwrap_or_default(),
+        failure: row
+            .try_get::<Option<String>, _>("failure")?
+            .unwrap_or_default(),
     })
 }
 
@@ -577,7 +580,10 @@ pub fn meta(event_id: Uuid) -> shopctrl_proto::v1::EventMeta {
 }
 
 /// Employees with the Chat permission at a shop (who hear shop-wide notices).
-pub async fn chat_members(conn: &mut PgConnection, shop_id: &str) -> Result<Vec<String>, sqlx::Error> {
+pub async fn chat_members(
+    conn: &mut PgConnection,
+    shop_id: &str,
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "select employee_id from shop_members where shop_id = $1 and chat_permission order by employee_id",
     )
@@ -588,11 +594,12 @@ pub async fn chat_members(conn: &mut PgConnection, shop_id: &str) -> Result<Vec<
 
 /// Marks an event id as processed; false when it already was (a redelivery).
 pub async fn first_time(conn: &mut PgConnection, event_id: &str) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query("insert into processed_events (event_id) values ($1) on conflict do nothing")
-        .bind(event_id)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    let inserted =
+        sqlx::query("insert into processed_events (event_id) values ($1) on conflict do nothing")
+            .bind(event_id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
     Ok(inserted == 1)
 }
 

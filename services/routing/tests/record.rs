@@ -12,7 +12,11 @@ use shopctrl_proto::v1::{
 };
 use tonic::Code;
 
-async fn dialogs(env: &Env, employee: &str, filter: DialogFilter) -> Result<Vec<shopctrl_proto::v1::Conversation>, tonic::Status> {
+async fn dialogs(
+    env: &Env,
+    employee: &str,
+    filter: DialogFilter,
+) -> Result<Vec<shopctrl_proto::v1::Conversation>, tonic::Status> {
     let mut client = env.client().await;
     client
         .list_dialogs(as_employee(
@@ -52,25 +56,42 @@ async fn a_customer_message_creates_customer_conversation_and_window() {
     env.publish(&msg.event()).await;
 
     let conversations = eventually(20, "the conversation", || async {
-        let list = dialogs(&env, "alice", DialogFilter::Unassigned).await.ok()?;
+        let list = dialogs(&env, "alice", DialogFilter::Unassigned)
+            .await
+            .ok()?;
         (!list.is_empty()).then_some(list)
     })
     .await;
     assert_eq!(conversations.len(), 1);
     let conversation = &conversations[0];
-    assert_eq!(conversation.state, ConversationState::WaitingForEmployee as i32);
+    assert_eq!(
+        conversation.state,
+        ConversationState::WaitingForEmployee as i32
+    );
     // QueueOnly files it with the reason nobody takes it: alice is present with slots free.
     let conversation = eventually(10, "the unassigned reason", || async {
-        let c = dialogs(&env, "alice", DialogFilter::Unassigned).await.ok()?.remove(0);
+        let c = dialogs(&env, "alice", DialogFilter::Unassigned)
+            .await
+            .ok()?
+            .remove(0);
         (c.unassigned_reason != UnassignedReason::Unspecified as i32).then_some(c)
     })
     .await;
-    assert_eq!(conversation.unassigned_reason, UnassignedReason::AllFull as i32);
+    assert_eq!(
+        conversation.unassigned_reason,
+        UnassignedReason::AllFull as i32
+    );
     let customer = conversation.customer.clone().unwrap();
-    assert_eq!(customer.msisdn, "31612345678", "normalized: digits only, no +");
+    assert_eq!(
+        customer.msisdn, "31612345678",
+        "normalized: digits only, no +"
+    );
     assert_eq!(customer.display_name, "Jane");
     assert_eq!(conversation.queue_position, 1);
-    assert_eq!(conversation.last_message_preview, "Hello, where is my order?");
+    assert_eq!(
+        conversation.last_message_preview,
+        "Hello, where is my order?"
+    );
 
     let stored = messages(&env, &conversation.conversation_id).await;
     assert_eq!(stored.len(), 1);
@@ -91,20 +112,41 @@ async fn a_customer_message_creates_customer_conversation_and_window() {
     assert_eq!(received_at.timestamp_micros(), created.timestamp_micros());
 
     // Mine is empty (nobody is assigned); All shows it too.
-    assert!(dialogs(&env, "alice", DialogFilter::Mine).await.unwrap().is_empty());
-    assert_eq!(dialogs(&env, "alice", DialogFilter::All).await.unwrap().len(), 1);
+    assert!(
+        dialogs(&env, "alice", DialogFilter::Mine)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        dialogs(&env, "alice", DialogFilter::All)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn without_assign_on_first_message_it_waits_for_a_handover() {
     let env = Env::start(shop(false, false)).await;
-    env.publish(&Msg::received("mbconv-h", "m-1", "hi").event()).await;
+    env.publish(&Msg::received("mbconv-h", "m-1", "hi").event())
+        .await;
     let conversation = eventually(20, "the conversation", || async {
-        dialogs(&env, "alice", DialogFilter::Unassigned).await.ok()?.pop()
+        dialogs(&env, "alice", DialogFilter::Unassigned)
+            .await
+            .ok()?
+            .pop()
     })
     .await;
-    assert_eq!(conversation.state, ConversationState::WaitingForHandover as i32);
-    assert_eq!(conversation.unassigned_reason, UnassignedReason::AwaitingHandover as i32);
+    assert_eq!(
+        conversation.state,
+        ConversationState::WaitingForHandover as i32
+    );
+    assert_eq!(
+        conversation.unassigned_reason,
+        UnassignedReason::AwaitingHandover as i32
+    );
 }
 
 #[tokio::test]
@@ -121,7 +163,8 @@ async fn bot_and_agent_messages_are_history_only() {
     assert_eq!(env.count("select count(*) from conversations").await, 0);
     assert_eq!(env.count("select count(*) from last_received").await, 0);
 
-    env.publish(&Msg::received("mbconv-2", "cust-1", "I need help").event()).await;
+    env.publish(&Msg::received("mbconv-2", "cust-1", "I need help").event())
+        .await;
     let conversation = eventually(20, "the conversation", || async {
         dialogs(&env, "alice", DialogFilter::All).await.ok()?.pop()
     })
@@ -133,14 +176,17 @@ async fn bot_and_agent_messages_are_history_only() {
             .unwrap();
 
     // A later bot message: stored, but neither the window nor the state move.
-    env.publish(&Msg::sent("mbconv-2", "bot-2", "An agent will be with you").event()).await;
+    env.publish(&Msg::sent("mbconv-2", "bot-2", "An agent will be with you").event())
+        .await;
     let all = eventually(20, "three messages", || async {
         let m = messages(&env, &conversation.conversation_id).await;
         (m.len() == 3).then_some(m)
     })
     .await;
     assert_eq!(
-        all.iter().map(|m| m.messagebird_message_id.as_str()).collect::<Vec<_>>(),
+        all.iter()
+            .map(|m| m.messagebird_message_id.as_str())
+            .collect::<Vec<_>>(),
         ["bot-1", "cust-1", "bot-2"],
         "oldest first"
     );
@@ -157,9 +203,11 @@ async fn bot_and_agent_messages_are_history_only() {
 async fn duplicates_store_once_and_statuses_only_move_forward() {
     let env = Env::start(shop(true, false)).await;
     let sent = Msg::sent("mbconv-3", "agent-msg", "Your order ships today");
-    env.publish(&Msg::received("mbconv-3", "c-1", "hello").event()).await;
+    env.publish(&Msg::received("mbconv-3", "c-1", "hello").event())
+        .await;
     for _ in 0..3 {
-        env.publish(&Msg::received("mbconv-3", "c-1", "hello").event()).await;
+        env.publish(&Msg::received("mbconv-3", "c-1", "hello").event())
+            .await;
     }
     env.publish(&sent.event()).await;
     for status in ["delivered", "read", "delivered", "sent"] {
@@ -169,20 +217,29 @@ async fn duplicates_store_once_and_statuses_only_move_forward() {
         env.publish(&update.event()).await;
     }
     // A marker published last: once it is stored, everything before it was applied.
-    env.publish(&Msg::received("mbconv-3", "c-2", "marker").event()).await;
+    env.publish(&Msg::received("mbconv-3", "c-2", "marker").event())
+        .await;
     eventually(20, "the marker", || async {
-        (env.count("select count(*) from messages where messagebird_message_id = 'c-2'").await == 1)
+        (env.count("select count(*) from messages where messagebird_message_id = 'c-2'")
+            .await
+            == 1)
             .then_some(())
     })
     .await;
     assert_eq!(env.count("select count(*) from messages").await, 3);
     assert_eq!(env.count("select count(*) from conversations").await, 1);
     assert_eq!(env.count("select count(*) from customers").await, 1);
-    let status: i16 = sqlx::query_scalar("select status from messages where messagebird_message_id = 'agent-msg'")
-        .fetch_one(&env.pool)
-        .await
-        .unwrap();
-    assert_eq!(status_name(i32::from(status)), MessageStatus::Read, "read is never downgraded");
+    let status: i16 = sqlx::query_scalar(
+        "select status from messages where messagebird_message_id = 'agent-msg'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        status_name(i32::from(status)),
+        MessageStatus::Read,
+        "read is never downgraded"
+    );
 }
 
 async fn close(env: &Env, conversation_id: &str) {
@@ -203,17 +260,22 @@ async fn close(env: &Env, conversation_id: &str) {
 #[tokio::test]
 async fn a_message_to_a_closed_conversation_reopens_it_when_the_setting_is_off() {
     let env = Env::start(shop(true, false)).await;
-    env.publish(&Msg::received("mbconv-4", "a-1", "first").event()).await;
+    env.publish(&Msg::received("mbconv-4", "a-1", "first").event())
+        .await;
     let first = eventually(20, "the conversation", || async {
         dialogs(&env, "alice", DialogFilter::All).await.ok()?.pop()
     })
     .await;
     close(&env, &first.conversation_id).await;
     // A bot message to the closed conversation does not reopen it.
-    env.publish(&Msg::sent("mbconv-4", "bot-x", "Thanks for chatting").event()).await;
-    env.publish(&Msg::received("mbconv-4", "a-2", "one more thing").event()).await;
+    env.publish(&Msg::sent("mbconv-4", "bot-x", "Thanks for chatting").event())
+        .await;
+    env.publish(&Msg::received("mbconv-4", "a-2", "one more thing").event())
+        .await;
     let reopened = eventually(20, "the reopened conversation", || async {
-        let list = dialogs(&env, "alice", DialogFilter::Unassigned).await.ok()?;
+        let list = dialogs(&env, "alice", DialogFilter::Unassigned)
+            .await
+            .ok()?;
         list.into_iter().next()
     })
     .await;
@@ -227,13 +289,15 @@ async fn a_message_to_a_closed_conversation_reopens_it_when_the_setting_is_off()
 #[tokio::test]
 async fn a_message_to_a_closed_conversation_starts_a_new_one_when_the_setting_is_on() {
     let env = Env::start(shop(true, true)).await;
-    env.publish(&Msg::received("mbconv-5", "b-1", "first").event()).await;
+    env.publish(&Msg::received("mbconv-5", "b-1", "first").event())
+        .await;
     let first = eventually(20, "the conversation", || async {
         dialogs(&env, "alice", DialogFilter::All).await.ok()?.pop()
     })
     .await;
     close(&env, &first.conversation_id).await;
-    env.publish(&Msg::received("mbconv-5", "b-2", "again").event()).await;
+    env.publish(&Msg::received("mbconv-5", "b-2", "again").event())
+        .await;
     let all = eventually(20, "two conversations", || async {
         let list = dialogs(&env, "alice", DialogFilter::All).await.ok()?;
         (list.len() == 2).then_some(list)
@@ -270,14 +334,18 @@ async fn web_widget_visitors_are_customers_by_contact_id() {
     let customer = list[0].customer.clone().unwrap();
     assert_eq!(customer.msisdn, "");
     assert_eq!(customer.messagebird_contact_id, "visitor-42");
-    assert_eq!(customer.customer_id, list[1].customer.clone().unwrap().customer_id);
+    assert_eq!(
+        customer.customer_id,
+        list[1].customer.clone().unwrap().customer_id
+    );
     assert_eq!(env.count("select count(*) from customers").await, 1);
 }
 
 #[tokio::test]
 async fn list_needs_chat_but_linked_history_needs_only_a_role() {
     let env = Env::start(shop(true, false)).await;
-    env.publish(&Msg::received("mbconv-6", "p-1", "order 77 is late").event()).await;
+    env.publish(&Msg::received("mbconv-6", "p-1", "order 77 is late").event())
+        .await;
     let conversation = eventually(20, "the conversation", || async {
         dialogs(&env, "alice", DialogFilter::All).await.ok()?.pop()
     })
@@ -286,7 +354,13 @@ async fn list_needs_chat_but_linked_history_needs_only_a_role() {
     // bob has a role but no Chat permission; carol has no role.
     let denied = dialogs(&env, "bob", DialogFilter::All).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
-    assert_eq!(dialogs(&env, "carol", DialogFilter::All).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        dialogs(&env, "carol", DialogFilter::All)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
     let mut client = env.client().await;
     let get = client
         .get_conversation(as_employee(
@@ -329,7 +403,10 @@ async fn list_needs_chat_but_linked_history_needs_only_a_role() {
     assert_eq!(refused.code(), Code::InvalidArgument);
 
     let customer_id = conversation.customer.clone().unwrap().customer_id;
-    for target in [Target::OrderId("order-77".into()), Target::CustomerId(customer_id)] {
+    for target in [
+        Target::OrderId("order-77".into()),
+        Target::CustomerId(customer_id),
+    ] {
         let history = client
             .get_linked_history(as_employee(
                 GetLinkedHistoryRequest {
@@ -349,7 +426,10 @@ async fn list_needs_chat_but_linked_history_needs_only_a_role() {
             .into_inner();
         assert_eq!(history.conversations.len(), 1, "{target:?}");
         assert_eq!(history.conversations[0].messages.len(), 1);
-        assert_eq!(history.conversations[0].messages[0].text, "order 77 is late");
+        assert_eq!(
+            history.conversations[0].messages[0].text,
+            "order 77 is late"
+        );
     }
     let nobody = client
         .get_linked_history(as_employee(
@@ -391,16 +471,23 @@ async fn callers_must_authenticate_as_shopctrl() {
         filter: DialogFilter::All as i32,
         page: None,
     };
-    let anonymous = client.list_dialogs(tonic::Request::new(request())).await.unwrap_err();
+    let anonymous = client
+        .list_dialogs(tonic::Request::new(request()))
+        .await
+        .unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated);
     let mut as_ingress = tonic::Request::new(request());
-    as_ingress
-        .metadata_mut()
-        .insert("authorization", "Bearer test-ingress-token".parse().unwrap());
+    as_ingress.metadata_mut().insert(
+        "authorization",
+        "Bearer test-ingress-token".parse().unwrap(),
+    );
     as_ingress
         .metadata_mut()
         .insert("x-shopctrl-employee-id", "alice".parse().unwrap());
-    assert_eq!(client.list_dialogs(as_ingress).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        client.list_dialogs(as_ingress).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
     let bad_filter = client
         .list_dialogs(as_employee(
             ListDialogsRequest {
@@ -420,7 +507,11 @@ async fn dialogs_and_messages_page_newest_activity_first() {
     let env = Env::start(shop(true, false)).await;
     let base = chrono::Utc::now() - chrono::Duration::minutes(10);
     for i in 0..5 {
-        let mut m = Msg::received(&format!("pconv-{i}"), &format!("pm-{i}"), &format!("msg {i}"));
+        let mut m = Msg::received(
+            &format!("pconv-{i}"),
+            &format!("pm-{i}"),
+            &format!("msg {i}"),
+        );
         m.created_at = base + chrono::Duration::seconds(i);
         m.msisdn = format!("3161234000{i}");
         env.publish(&m.event()).await;
@@ -454,13 +545,20 @@ async fn dialogs_and_messages_page_newest_activity_first() {
             .await
             .unwrap()
             .into_inner();
-        seen.extend(page.conversations.iter().map(|c| c.messagebird_conversation_id.clone()));
+        seen.extend(
+            page.conversations
+                .iter()
+                .map(|c| c.messagebird_conversation_id.clone()),
+        );
         token = page.page.unwrap_or_default().next_page_token;
         if token.is_empty() {
             break;
         }
     }
-    assert_eq!(seen, ["pconv-4", "pconv-3", "pconv-2", "pconv-1", "pconv-0"]);
+    assert_eq!(
+        seen,
+        ["pconv-4", "pconv-3", "pconv-2", "pconv-1", "pconv-0"]
+    );
 
     let conversation_id: uuid::Uuid = sqlx::query_scalar(
         "select conversation_id from conversations where messagebird_conversation_id = 'pconv-4'",

@@ -21,7 +21,9 @@ use shopctrl_proto::v1::{
     config_internal_service_server::{ConfigInternalService, ConfigInternalServiceServer},
     conversation_service_client::ConversationServiceClient,
 };
-use shopctrl_routing::{App, Overrides, Settings, consumer::CommitHook, migrate, settings::Redacted};
+use shopctrl_routing::{
+    App, Overrides, Settings, consumer::CommitHook, migrate, settings::Redacted,
+};
 use shopctrl_testkit::{TestAmqp, TestDatabase};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -37,19 +39,31 @@ pub struct FakeConfig {
 
 impl FakeConfig {
     pub fn put(&self, shop: RoutingShop) {
-        self.shops.lock().unwrap().insert(shop.shop_id.clone(), shop);
+        self.shops
+            .lock()
+            .unwrap()
+            .insert(shop.shop_id.clone(), shop);
     }
 }
 
 #[tonic::async_trait]
 impl ConfigInternalService for FakeConfig {
-    async fn get_ingress_shop(&self, _: Request<GetInternalShopRequest>) -> Result<Response<IngressShop>, Status> {
+    async fn get_ingress_shop(
+        &self,
+        _: Request<GetInternalShopRequest>,
+    ) -> Result<Response<IngressShop>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn get_delivery_shop(&self, _: Request<GetInternalShopRequest>) -> Result<Response<DeliveryShop>, Status> {
+    async fn get_delivery_shop(
+        &self,
+        _: Request<GetInternalShopRequest>,
+    ) -> Result<Response<DeliveryShop>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn get_routing_shop(&self, request: Request<GetInternalShopRequest>) -> Result<Response<RoutingShop>, Status> {
+    async fn get_routing_shop(
+        &self,
+        request: Request<GetInternalShopRequest>,
+    ) -> Result<Response<RoutingShop>, Status> {
         check_token(&request)?;
         let shops = self.shops.lock().unwrap();
         shops
@@ -58,13 +72,18 @@ impl ConfigInternalService for FakeConfig {
             .map(Response::new)
             .ok_or_else(|| Status::not_found("shop"))
     }
-    async fn get_employee_access(&self, request: Request<GetEmployeeAccessRequest>) -> Result<Response<EmployeeAccess>, Status> {
+    async fn get_employee_access(
+        &self,
+        request: Request<GetEmployeeAccessRequest>,
+    ) -> Result<Response<EmployeeAccess>, Status> {
         check_token(&request)?;
         let request = request.into_inner();
         let shops = self.shops.lock().unwrap();
-        let employee = shops
-            .get(&request.shop_id)
-            .and_then(|s| s.employees.iter().find(|e| e.employee_id == request.employee_id));
+        let employee = shops.get(&request.shop_id).and_then(|s| {
+            s.employees
+                .iter()
+                .find(|e| e.employee_id == request.employee_id)
+        });
         Ok(Response::new(EmployeeAccess {
             shop_id: request.shop_id.clone(),
             employee_id: request.employee_id.clone(),
@@ -75,7 +94,11 @@ impl ConfigInternalService for FakeConfig {
 }
 
 fn check_token<T>(request: &Request<T>) -> Result<(), Status> {
-    match request.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+    match request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    {
         Some("Bearer test-routing-token") => Ok(()),
         _ => Err(Status::unauthenticated("bad token")),
     }
@@ -207,7 +230,13 @@ impl Env {
         }
     }
 
-    fn settings_for(db: &TestDatabase, amqp: &TestAmqp, config_url: &str, shards: u32, amqp_url: &str) -> Settings {
+    fn settings_for(
+        db: &TestDatabase,
+        amqp: &TestAmqp,
+        config_url: &str,
+        shards: u32,
+        amqp_url: &str,
+    ) -> Settings {
         let mut settings = Settings::defaults();
         settings.database_url = Redacted::new(db.url());
         settings.database_max_connections = 8;
@@ -227,13 +256,26 @@ impl Env {
 
     /// Starts one more routing replica (optionally through another AMQP URL, with a hook).
     pub async fn spawn(&self, amqp_url: Option<&str>, after_commit: Option<CommitHook>) -> Service {
-        let settings = Self::settings_for(
+        self.spawn_with_database(amqp_url, None, after_commit).await
+    }
+
+    /// Like [`Env::spawn`], with the database reached through another URL (a proxy).
+    pub async fn spawn_with_database(
+        &self,
+        amqp_url: Option<&str>,
+        database_url: Option<&str>,
+        after_commit: Option<CommitHook>,
+    ) -> Service {
+        let mut settings = Self::settings_for(
             &self.db,
             &self.amqp,
             &self.config_url,
             u32::from(self.shards.get()),
             amqp_url.unwrap_or(self.amqp.url()),
         );
+        if let Some(url) = database_url {
+            settings.database_url = Redacted::new(url);
+        }
         let app = App::build(
             settings,
             Overrides {
@@ -252,18 +294,29 @@ impl Env {
                 app.run(stop).await.unwrap();
             })
         };
-        Service { grpc, ops, stop, task }
+        Service {
+            grpc,
+            ops,
+            stop,
+            task,
+        }
     }
 
     pub async fn client(&self) -> ConversationServiceClient<GrpcChannel> {
         let addr = self.services[0].grpc;
-        ConversationServiceClient::connect(format!("http://{addr}")).await.unwrap()
+        ConversationServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
     }
 
     /// Publishes like ingress: to the inbound exchange with the conversation's shard key.
     pub async fn publish(&self, event: &InboundWebhookEvent) {
         self.publish_raw(
-            &shard_routing_key(&event.shop_id, &event.messagebird_conversation_id, self.shards),
+            &shard_routing_key(
+                &event.shop_id,
+                &event.messagebird_conversation_id,
+                self.shards,
+            ),
             "shopctrl.messaging.v1.InboundWebhookEvent",
             &event.encode_to_vec(),
         )
@@ -295,9 +348,10 @@ impl Env {
 
     /// Messages in the inbound dead-letter queue, with their reason headers (consumes them).
     pub async fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
-        let conn = lapin::Connection::connect(self.amqp.url(), lapin::ConnectionProperties::default())
-            .await
-            .unwrap();
+        let conn =
+            lapin::Connection::connect(self.amqp.url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
         let channel = conn.create_channel().await.unwrap();
         let mut out = Vec::new();
         while let Some(message) = channel
@@ -329,9 +383,10 @@ impl Env {
 /// ShopCtrl's metadata for an employee.
 pub fn as_employee<T>(message: T, employee: &str) -> Request<T> {
     let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", "Bearer test-shopctrl-token".parse().unwrap());
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer test-shopctrl-token".parse().unwrap(),
+    );
     request
         .metadata_mut()
         .insert("x-shopctrl-employee-id", employee.parse().unwrap());
@@ -378,7 +433,11 @@ impl Msg {
 
     pub fn event(&self) -> InboundWebhookEvent {
         let supported = matches!(self.kind, "text" | "whatsappText" | "interactive");
-        let channel = if self.msisdn.is_empty() { Channel::WebWidget } else { Channel::Whatsapp };
+        let channel = if self.msisdn.is_empty() {
+            Channel::WebWidget
+        } else {
+            Channel::Whatsapp
+        };
         InboundWebhookEvent {
             meta: Some(EventMeta {
                 event_id: uuid::Uuid::new_v4().to_string(),
@@ -397,10 +456,18 @@ impl Msg {
                 messagebird_message_id: self.mb_message.clone(),
                 direction: self.direction as i32,
                 channel: channel as i32,
-                platform: if self.msisdn.is_empty() { "livechat".into() } else { "whatsapp".into() },
+                platform: if self.msisdn.is_empty() {
+                    "livechat".into()
+                } else {
+                    "whatsapp".into()
+                },
                 channel_id: "channel-1".into(),
                 r#type: self.kind.into(),
-                text: if supported { self.text.clone() } else { String::new() },
+                text: if supported {
+                    self.text.clone()
+                } else {
+                    String::new()
+                },
                 supported,
                 content_json: if self.kind == "text" {
                     serde_json::json!({ "text": self.text }).to_string()
