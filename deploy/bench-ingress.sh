@@ -10,7 +10,7 @@
 # real gRPC client); signing keys are cached after the first request anyway.
 #
 # Settings: BENCH_DURATION (10 s), BENCH_CONNECTIONS (64), BENCH_THREADS (2), BENCH_RATE (5000),
-# AMQP_URL, REDIS_URL, CARGO_TARGET_DIR. Prints a table with ratios; record it in
+# AMQP_URL, REDIS_URL, CARGO_TARGET_DIR, BENCH_SKIP_BUILD (use the binaries already built). Prints a table with ratios; record it in
 # deploy/BENCHMARKS.md ("Ingress").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,9 +50,11 @@ if ! command -v wrk >/dev/null; then
   $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y wrk >/dev/null
 fi
 
-echo "building release binaries..."
-cargo build --release --locked -p shopctrl-ingress --bins
-BIN=${CARGO_TARGET_DIR:-target}/release
+if [[ -z "${BENCH_SKIP_BUILD:-}" ]]; then
+  echo "building release binaries..."
+  cargo build --release --locked -p shopctrl-ingress --bins
+fi
+BIN=${CARGO_TARGET_DIR:-target}/${BENCH_PROFILE:-release}
 
 wait_http() { # url
   for _ in $(seq 1 100); do
