@@ -9,8 +9,10 @@
 //!   consumer, giving up --> messaging.dlx --flow-callback.<kind>--> messaging.dlq.flow-callback.<kind>
 //! ```
 //!
-//! Delay tiers are quorum queues with at-least-once dead-lettering, so a message expiring out
-//! of a tier is not lost when the work queue is briefly unavailable. A tier's name carries its
+//! Delay tiers are durable classic queues with a queue-wide TTL that dead-letter back to the work
+//! queue: the long-standing RabbitMQ delay pattern. Quorum tiers with at-least-once
+//! dead-lettering were tried and wedged RabbitMQ 3.10 under parallel test load (the node stopped
+//! answering and hung again while recovering those queues), so they are not used. A tier's name carries its
 //! TTL, so changing `RETRY_DELAY_TIERS` declares new queues instead of clashing with the old
 //! ones' arguments.
 
@@ -155,7 +157,7 @@ impl Topology {
         let work_queue = self.work_queue(kind);
         let ttl = i32::try_from(tier.as_millis()).unwrap_or(i32::MAX);
         let entries = [
-            ("x-queue-type", AMQPValue::LongString("quorum".into())),
+            ("x-queue-type", AMQPValue::LongString("classic".into())),
             ("x-message-ttl", AMQPValue::LongInt(ttl)),
             // The default exchange routes by queue name: back to this kind's work queue.
             ("x-dead-letter-exchange", AMQPValue::LongString("".into())),
@@ -163,12 +165,6 @@ impl Topology {
                 "x-dead-letter-routing-key",
                 AMQPValue::LongString(work_queue.as_str().into()),
             ),
-            (
-                "x-dead-letter-strategy",
-                AMQPValue::LongString("at-least-once".into()),
-            ),
-            // Required by at-least-once dead-lettering.
-            ("x-overflow", AMQPValue::LongString("reject-publish".into())),
         ];
         let mut args = FieldTable::default();
         for (key, value) in entries {

@@ -60,7 +60,12 @@ impl Drop for TestAmqp {
         let queues = self.queues.lock().map(|q| q.clone()).unwrap_or_default();
         let exchanges = self.exchanges.lock().map(|e| e.clone()).unwrap_or_default();
         crate::block_on_thread(async move {
-            let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await else {
+            let Ok(Ok(conn)) = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                Connection::connect(&url, ConnectionProperties::default()),
+            )
+            .await
+            else {
                 eprintln!("testkit: cannot clean AMQP names");
                 return;
             };
