@@ -136,7 +136,10 @@ impl Stack {
     async fn get(&self) -> Option<lapin::message::BasicGetMessage> {
         let channel = self.broker.create_channel().await.expect("channel");
         let message = channel
-            .basic_get(self.queue().as_str().into(), BasicGetOptions { no_ack: true })
+            .basic_get(
+                self.queue().as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
             .await
             .expect("basic_get");
         let _ = channel.close(200, "ok".into()).await;
@@ -228,19 +231,28 @@ async fn signed_webhook_arrives_exactly_once_with_the_right_properties() {
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let traceparent = format!("00-{trace_id}-b7ad6b7169203331-01");
     let body = inbound_body("msg-1");
-    let (status, _, text) = post_signed(&stack, "s1", "key-one", &body, "jti-1", Some(&traceparent)).await;
+    let (status, _, text) =
+        post_signed(&stack, "s1", "key-one", &body, "jti-1", Some(&traceparent)).await;
     assert_eq!(status, 200, "{text}");
 
     let message = stack.get().await.expect("one message on the queue");
     let props = &message.delivery.properties;
-    assert_eq!(props.message_id().as_ref().map(|s| s.as_str()), Some("msg-1"));
+    assert_eq!(
+        props.message_id().as_ref().map(|s| s.as_str()),
+        Some("msg-1")
+    );
     assert_eq!(
         props.kind().as_ref().map(|s| s.as_str()),
         Some("shopctrl.messaging.v1.InboundWebhookEvent")
     );
     assert_eq!(*props.delivery_mode(), Some(2));
     let headers = shopctrl_amqp::headers_to_pairs(props.headers().as_ref());
-    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
     assert_eq!(header("x-shop-id").as_deref(), Some("s1"));
     let published_tp = header("traceparent").expect("trace context in headers");
     assert!(published_tp.contains(trace_id), "{published_tp}");
@@ -255,14 +267,25 @@ async fn signed_webhook_arrives_exactly_once_with_the_right_properties() {
     assert_eq!(event.signature_scheme, "jwt");
     assert_eq!(event.raw_body, body.as_bytes());
     assert_eq!(event.meta.expect("meta").event_id, "msg-1");
-    assert_eq!(event.message.expect("message").created_at.expect("ts").nanos, 123_456_789);
+    assert_eq!(
+        event
+            .message
+            .expect("message")
+            .created_at
+            .expect("ts")
+            .nanos,
+        123_456_789
+    );
 
     // MessageBird retries with the same token: 200, nothing new on the queue.
     let (status, _, text) = post_signed(&stack, "s1", "key-one", &body, "jti-1", None).await;
     assert_eq!(status, 200);
     assert!(text.contains("duplicate"), "{text}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(stack.get().await.is_none(), "a replay must not be published again");
+    assert!(
+        stack.get().await.is_none(),
+        "a replay must not be published again"
+    );
 
     let metrics = reqwest::get(format!("{}/metrics", stack.ops))
         .await
@@ -270,9 +293,15 @@ async fn signed_webhook_arrives_exactly_once_with_the_right_properties() {
         .text()
         .await
         .expect("text");
-    assert!(metrics.contains("ingress_requests_total{route=\"webhook\",status=\"200\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("ingress_requests_total{route=\"webhook\",status=\"200\"} 2"),
+        "{metrics}"
+    );
     assert!(metrics.contains("ingress_replays_total 1"), "{metrics}");
-    assert!(metrics.contains("ingress_publish_seconds_bucket"), "{metrics}");
+    assert!(
+        metrics.contains("ingress_publish_seconds_bucket"),
+        "{metrics}"
+    );
     stack.stop().await;
 }
 
@@ -290,7 +319,10 @@ async fn broker_cut_answers_503_and_publishes_nothing() {
     assert_eq!(status, 503, "{text}");
     assert_eq!(retry.as_deref(), Some("5"));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(stack.get().await.is_none(), "nothing may be published while cut");
+    assert!(
+        stack.get().await.is_none(),
+        "nothing may be published while cut"
+    );
 
     // The broker comes back: MessageBird's retry (same token) is accepted, exactly once.
     proxy.restore();
@@ -337,13 +369,15 @@ async fn unroutable_or_missing_exchange_answers_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_change_takes_effect_through_config_changed_and_outage_serves_cache() {
     let stack = Stack::start(None, true).await;
-    let (status, _, _) = post_signed(&stack, "s1", "key-one", &inbound_body("m1"), "k1", None).await;
+    let (status, _, _) =
+        post_signed(&stack, "s1", "key-one", &inbound_body("m1"), "k1", None).await;
     assert_eq!(status, 200);
     let calls_before = stack.config.calls();
 
     // The key is rotated in config; the cache still holds the old one until told.
     stack.config.upsert(shop("s1", "key-two"));
-    let (status, _, _) = post_signed(&stack, "s1", "key-two", &inbound_body("m2"), "k2", None).await;
+    let (status, _, _) =
+        post_signed(&stack, "s1", "key-two", &inbound_body("m2"), "k2", None).await;
     assert_eq!(status, 401);
     assert_eq!(stack.config.calls(), calls_before, "served from cache");
 
@@ -365,8 +399,15 @@ async fn key_change_takes_effect_through_config_changed_and_outage_serves_cache(
         .expect("publish config change");
     let mut switched = false;
     for i in 0..50 {
-        let (status, _, _) =
-            post_signed(&stack, "s1", "key-two", &inbound_body(&format!("m3-{i}")), &format!("k3-{i}"), None).await;
+        let (status, _, _) = post_signed(
+            &stack,
+            "s1",
+            "key-two",
+            &inbound_body(&format!("m3-{i}")),
+            &format!("k3-{i}"),
+            None,
+        )
+        .await;
         if status == 200 {
             switched = true;
             break;
@@ -374,17 +415,25 @@ async fn key_change_takes_effect_through_config_changed_and_outage_serves_cache(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(switched, "the new key is used without a restart");
-    let (status, _, _) = post_signed(&stack, "s1", "key-one", &inbound_body("m4"), "k4", None).await;
+    let (status, _, _) =
+        post_signed(&stack, "s1", "key-one", &inbound_body("m4"), "k4", None).await;
     assert_eq!(status, 401, "the old key no longer works");
 
     // Config goes away: the cached shop keeps working, an unknown one gets 503.
     stack.config_stop.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, _, _) = post_signed(&stack, "s1", "key-two", &inbound_body("m5"), "k5", None).await;
+    let (status, _, _) =
+        post_signed(&stack, "s1", "key-two", &inbound_body("m5"), "k5", None).await;
     assert_eq!(status, 200);
     let (status, retry, _) = post_signed(&stack, "s2", "x", &inbound_body("m6"), "k6", None).await;
     assert_eq!((status, retry.as_deref()), (503, Some("5")));
-    let ready = reqwest::get(format!("{}/readyz", stack.ops)).await.expect("readyz");
-    assert_eq!(ready.status(), 200, "a config outage alone does not make ingress unready");
+    let ready = reqwest::get(format!("{}/readyz", stack.ops))
+        .await
+        .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        200,
+        "a config outage alone does not make ingress unready"
+    );
     stack.stop().await;
 }

@@ -73,7 +73,11 @@ enum Cmd {
     },
     /// Declare the inbound exchange and N bounded quorum shard queues under a prefix.
     Setup {
-        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        #[arg(
+            long,
+            env = "AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
         amqp_url: String,
         #[arg(long)]
         prefix: String,
@@ -85,7 +89,11 @@ enum Cmd {
     },
     /// Delete what `setup` declared.
     Teardown {
-        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        #[arg(
+            long,
+            env = "AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
         amqp_url: String,
         #[arg(long)]
         prefix: String,
@@ -95,7 +103,11 @@ enum Cmd {
     /// Publish the same events ingress publishes, with confirms, `concurrency` in flight on
     /// one shared channel (the shared Publisher), for `seconds`; prints JSON.
     BarePublish {
-        #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+        #[arg(
+            long,
+            env = "AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
         amqp_url: String,
         #[arg(long)]
         prefix: String,
@@ -113,7 +125,12 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Cmd::FakeConfig { listen, token, shop, signing_key } => {
+        Cmd::FakeConfig {
+            listen,
+            token,
+            shop,
+            signing_key,
+        } => {
             let fake = FakeConfig::new(&token);
             fake.upsert(IngressShop {
                 shop_id: shop,
@@ -128,8 +145,24 @@ async fn main() -> anyhow::Result<()> {
             println!("fake config on {addr}");
             stop.cancelled().await;
         }
-        Cmd::Gen { public_base, shop, signing_key, count, bodies, lifetime_seconds, out_dir } => {
-            generate(&public_base, &shop, &signing_key, count, bodies, lifetime_seconds, &out_dir)?;
+        Cmd::Gen {
+            public_base,
+            shop,
+            signing_key,
+            count,
+            bodies,
+            lifetime_seconds,
+            out_dir,
+        } => {
+            generate(
+                &public_base,
+                &shop,
+                &signing_key,
+                count,
+                bodies,
+                lifetime_seconds,
+                &out_dir,
+            )?;
         }
         Cmd::PlainHttp { listen } => {
             let router = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
@@ -145,7 +178,12 @@ async fn main() -> anyhow::Result<()> {
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await?;
         }
-        Cmd::Setup { amqp_url, prefix, shards, max_length } => {
+        Cmd::Setup {
+            amqp_url,
+            prefix,
+            shards,
+            max_length,
+        } => {
             let names = Names::new(prefix);
             let conn = shopctrl_amqp::connect(&amqp_url, "ingress-bench-setup").await?;
             let channel = conn.create_channel().await?;
@@ -153,12 +191,21 @@ async fn main() -> anyhow::Result<()> {
             for shard in 0..shards {
                 let queue = names.inbound_shard_queue(shard);
                 let mut args = FieldTable::default();
-                args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
-                args.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(max_length));
+                args.insert(
+                    ShortString::from("x-queue-type"),
+                    AMQPValue::LongString("quorum".into()),
+                );
+                args.insert(
+                    ShortString::from("x-max-length"),
+                    AMQPValue::LongLongInt(max_length),
+                );
                 channel
                     .queue_declare(
                         queue.as_str().into(),
-                        QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() },
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..QueueDeclareOptions::default()
+                        },
                         args,
                     )
                     .await
@@ -175,22 +222,39 @@ async fn main() -> anyhow::Result<()> {
             }
             let _ = conn.close(200, "ok".into()).await;
         }
-        Cmd::Teardown { amqp_url, prefix, shards } => {
+        Cmd::Teardown {
+            amqp_url,
+            prefix,
+            shards,
+        } => {
             let names = Names::new(prefix);
             let conn = shopctrl_amqp::connect(&amqp_url, "ingress-bench-teardown").await?;
             for shard in 0..shards {
                 let channel = conn.create_channel().await?;
                 let _ = channel
-                    .queue_delete(names.inbound_shard_queue(shard).as_str().into(), QueueDeleteOptions::default())
+                    .queue_delete(
+                        names.inbound_shard_queue(shard).as_str().into(),
+                        QueueDeleteOptions::default(),
+                    )
                     .await;
             }
             let channel = conn.create_channel().await?;
             let _ = channel
-                .exchange_delete(names.inbound_exchange().as_str().into(), ExchangeDeleteOptions::default())
+                .exchange_delete(
+                    names.inbound_exchange().as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
                 .await;
             let _ = conn.close(200, "ok".into()).await;
         }
-        Cmd::BarePublish { amqp_url, prefix, shards, concurrency, seconds, bodies } => {
+        Cmd::BarePublish {
+            amqp_url,
+            prefix,
+            shards,
+            concurrency,
+            seconds,
+            bodies,
+        } => {
             bare_publish(&amqp_url, &prefix, shards, concurrency, seconds, &bodies).await?;
         }
     }
@@ -207,7 +271,10 @@ fn generate(
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let url = format!("{}/webhooks/messagebird/{shop}", public_base.trim_end_matches('/'));
+    let url = format!(
+        "{}/webhooks/messagebird/{shop}",
+        public_base.trim_end_matches('/')
+    );
     let mut all = Vec::new();
     for i in 0..bodies.max(1) {
         let conversation = uuid::Uuid::new_v4().simple().to_string();
@@ -286,7 +353,11 @@ async fn bare_publish(
         let mut event = parsed.event;
         event.shop_id = "bench-shop".into();
         event.raw_body = line.into_bytes();
-        let key = shopctrl_domain::shard_routing_key("bench-shop", &event.messagebird_conversation_id, shard_count);
+        let key = shopctrl_domain::shard_routing_key(
+            "bench-shop",
+            &event.messagebird_conversation_id,
+            shard_count,
+        );
         events.push((key, parsed.event_id, event.encode_to_vec()));
     }
     let events = Arc::new(events);
