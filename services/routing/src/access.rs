@@ -410,7 +410,8 @@ pub async fn apply_config_changed(
             .await?
             .rows_affected();
             match previous {
-                Some(before) if updated > 0 && slots > before => {
+                // Lowered too: the slot copy must follow (nobody loses conversations).
+                Some(before) if updated > 0 && slots != before => {
                     Ok(AccessChange::CapacityChanged {
                         shop_id,
                         employee_id: None,

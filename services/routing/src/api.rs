@@ -633,7 +633,8 @@ impl Api {
         .bind(presence as i16)
         .execute(&self.pool)
         .await?;
-        if presence == Presence::Online {
+        // Every change: the slot copy follows presence (away gets nothing new).
+        {
             let shops: Vec<String> = sqlx::query_scalar(
                 "select shop_id from shop_members where employee_id = $1 and chat_permission",
             )

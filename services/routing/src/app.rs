@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     access::{ConfigSource, Directory, GrpcConfigSource},
     api::Api,
-    assign::{self, Assigner},
+    assign::Assigner,
     auth::{Tokens, agent_interceptor},
     consumer::{self, CommitHook, ShardContext},
     ingest::Ingestor,
@@ -171,7 +171,13 @@ impl App {
         side::declare_side(&channel, &names).await?;
         let _ = connection.close(200, "setup done".into()).await;
 
-        let assigner = assign::default_assigner(&pool);
+        let assigner: Arc<dyn Assigner> =
+            crate::slots::wiring::build(&pool, &settings.slots, names.flow_exchange())
+                .await
+                .map_err(|e| StartError::Setting {
+                    name: "REDIS_URL",
+                    reason: e.to_string(),
+                })?;
         let metrics = Metrics::new();
         let readiness = Readiness::default();
         let grpc_listener =

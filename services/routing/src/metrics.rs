@@ -31,6 +31,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        crate::slots::wiring::metrics().register(&mut registry);
         let events = Family::<Outcome, Counter>::default();
         registry.register(
             "routing_events",

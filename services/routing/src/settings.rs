@@ -136,6 +136,10 @@ pub struct Settings {
         default_value_t = 20
     )]
     pub shutdown_grace_seconds: u64,
+
+    /// Slot claims (Redis): REDIS_URL and SLOTS_*.
+    #[command(flatten)]
+    pub slots: crate::slots::wiring::SlotsArgs,
 }
 
 impl Settings {
