@@ -246,6 +246,7 @@ impl KeyCache {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)] // tests fail loudly
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

@@ -42,12 +42,9 @@ impl Metrics {
             requests: Family::default(),
             refusals: Family::default(),
             // 0.5 ms .. ~1 s: confirms take ~0.4 ms idle, tens of ms under load or slow disks.
-            publish_seconds: Histogram::new(
-                [
-                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]
-                .into_iter(),
-            ),
+            publish_seconds: Histogram::new([
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             in_flight: Gauge::default(),
             published: Family::default(),
             replays: Counter::default(),

@@ -362,6 +362,7 @@ pub fn sign_legacy(signing_key: &[u8], timestamp: &str, raw_query: &str, body: &
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)] // tests fail loudly
 mod tests {
     use super::*;
 

@@ -2,6 +2,8 @@
 //! in-memory sink (so "nothing was published" is checked exactly), plus property tests:
 //! arbitrary bodies and headers never panic and never publish.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // tests fail loudly
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},

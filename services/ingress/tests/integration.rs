@@ -4,6 +4,8 @@
 //! is missing or nothing is bound, key changes through ConfigChanged without restart, cached
 //! keys during a config outage, readiness and graceful shutdown.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // tests fail loudly
+
 use std::{sync::OnceLock, time::Duration};
 
 use lapin::{

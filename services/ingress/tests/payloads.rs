@@ -1,5 +1,7 @@
 //! Parsing of every example payload and of each message type of PROTOCOL.md §2.4.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // tests fail loudly
+
 use shopctrl_ingress::payload::{PayloadError, parse_handover, parse_webhook};
 use shopctrl_proto::v1::{Channel, Direction, MessageStatus};
 

@@ -2,6 +2,8 @@
 //! calls: all 44 cases of webhook-signature-jwt-reference.json, the 43 of reference.json, the
 //! legacy HMAC vectors and the Go SDK's extra JWT cases.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // tests fail loudly
+
 use shopctrl_ingress::signature::{legacy_canonical_query, verify_jwt, verify_legacy_signature};
 
 fn load(name: &str) -> serde_json::Value {
