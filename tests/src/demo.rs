@@ -121,8 +121,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     println!();
     println!("ShopCtrl Messaging demo (run {run_id})");
-    println!("  simulated MessageBird API   http://{}", demo.args.api_listen);
-    println!("  simulated flow receiver     http://{}", demo.args.flow_listen);
+    println!(
+        "  simulated MessageBird API   http://{}",
+        demo.args.api_listen
+    );
+    println!(
+        "  simulated flow receiver     http://{}",
+        demo.args.flow_listen
+    );
     println!();
     demo.seed(run_id).await?;
     demo.scenario().await?;
@@ -146,9 +152,9 @@ impl Demo {
     async fn seed(&mut self, run_id: &str) -> anyhow::Result<()> {
         say("seeding: 3 shops, 4 employees (one works for two shops)");
         let plan = [
-            ("bakery", 2, true),   // assign on first message, 2 slots
-            ("bikes", 1, false),   // a flow hands conversations over, 1 slot
-            ("books", 0, true),    // 0 slots: received, never auto-assigned
+            ("bakery", 2, true), // assign on first message, 2 slots
+            ("bikes", 1, false), // a flow hands conversations over, 1 slot
+            ("books", 0, true),  // 0 slots: received, never auto-assigned
         ];
         for (label, slots, assign) in plan {
             self.shops.push(Shop {
@@ -161,10 +167,26 @@ impl Demo {
             });
         }
         self.employees = vec![
-            Employee { id: format!("alice-{run_id}"), name: "alice", shops: vec![0, 1] },
-            Employee { id: format!("bob-{run_id}"), name: "bob", shops: vec![0] },
-            Employee { id: format!("carol-{run_id}"), name: "carol", shops: vec![1] },
-            Employee { id: format!("dana-{run_id}"), name: "dana", shops: vec![2] },
+            Employee {
+                id: format!("alice-{run_id}"),
+                name: "alice",
+                shops: vec![0, 1],
+            },
+            Employee {
+                id: format!("bob-{run_id}"),
+                name: "bob",
+                shops: vec![0],
+            },
+            Employee {
+                id: format!("carol-{run_id}"),
+                name: "carol",
+                shops: vec![1],
+            },
+            Employee {
+                id: format!("dana-{run_id}"),
+                name: "dana",
+                shops: vec![2],
+            },
         ];
         let token = self.args.token.clone();
         let owner = self.owner.clone();
@@ -212,7 +234,9 @@ impl Demo {
             let handover = self
                 .config
                 .rotate_handover_secret(authed(
-                    pb::RotateSecretRequest { shop_id: shop_id.clone() },
+                    pb::RotateSecretRequest {
+                        shop_id: shop_id.clone(),
+                    },
                     &token,
                     &owner,
                 )?)
@@ -222,7 +246,9 @@ impl Demo {
             let callback = self
                 .config
                 .rotate_callback_secret(authed(
-                    pb::RotateSecretRequest { shop_id: shop_id.clone() },
+                    pb::RotateSecretRequest {
+                        shop_id: shop_id.clone(),
+                    },
                     &token,
                     &owner,
                 )?)
@@ -273,8 +299,16 @@ impl Demo {
                     )?)
                     .await?;
             }
-            let shops: Vec<&str> = employee.shops.iter().map(|i| self.shops[*i].label).collect();
-            say(format!("  employee {:<6} Chat permission at {}", employee.name, shops.join(", ")));
+            let shops: Vec<&str> = employee
+                .shops
+                .iter()
+                .map(|i| self.shops[*i].label)
+                .collect();
+            say(format!(
+                "  employee {:<6} Chat permission at {}",
+                employee.name,
+                shops.join(", ")
+            ));
         }
         // Routing learns about the settings through config-changed events.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -330,23 +364,46 @@ impl Demo {
                 webhooks::Channel::WhatsApp,
                 &format!("3161234{:04}", 1000 + i),
             );
-            self.customer_writes(0, &conversation, Content::Text(format!("Do you have bread #{i}?")), &format!("WhatsApp customer {i}"))
-                .await?;
+            self.customer_writes(
+                0,
+                &conversation,
+                Content::Text(format!("Do you have bread #{i}?")),
+                &format!("WhatsApp customer {i}"),
+            )
+            .await?;
             bakery.push(conversation);
             self.pause().await;
         }
         let visitor = webhooks::Conversation::new(webhooks::Channel::WebWidget, "");
-        self.customer_writes(0, &visitor, Content::Text("Hi from the web widget".into()), "web widget visitor")
-            .await?;
-        self.customer_writes(0, &bakery[0], Content::Image { url: "https://media.example.com/bread.jpg".into(), caption: "this one?".into() }, "WhatsApp customer 0")
-            .await?;
+        self.customer_writes(
+            0,
+            &visitor,
+            Content::Text("Hi from the web widget".into()),
+            "web widget visitor",
+        )
+        .await?;
+        self.customer_writes(
+            0,
+            &bakery[0],
+            Content::Image {
+                url: "https://media.example.com/bread.jpg".into(),
+                caption: "this one?".into(),
+            },
+            "WhatsApp customer 0",
+        )
+        .await?;
         self.live_view().await?;
         self.pause().await;
 
         say("books has 0 slots: its conversation is stored but nobody gets it");
         let reader = webhooks::Conversation::new(webhooks::Channel::WhatsApp, "31687654321");
-        self.customer_writes(2, &reader, Content::Text("Is the new novel in?".into()), "WhatsApp customer 7")
-            .await?;
+        self.customer_writes(
+            2,
+            &reader,
+            Content::Text("Is the new novel in?".into()),
+            "WhatsApp customer 7",
+        )
+        .await?;
         self.pause().await;
 
         say("bikes hands conversations over through a flow: the bot talks first");
@@ -355,8 +412,13 @@ impl Demo {
             webhooks::Conversation::new(webhooks::Channel::WhatsApp, "31611110002"),
         ];
         for (i, rider) in riders.iter().enumerate() {
-            self.customer_writes(1, rider, Content::Text("My chain broke".into()), &format!("bike rider {i}"))
-                .await?;
+            self.customer_writes(
+                1,
+                rider,
+                Content::Text("My chain broke".into()),
+                &format!("bike rider {i}"),
+            )
+            .await?;
             let (status, answer) = call_handover(
                 &self.http,
                 &self.args.ingress,
@@ -370,7 +432,9 @@ impl Demo {
                 },
             )
             .await?;
-            say(format!("flow handover for rider {i}         ingress answered {status} {answer}"));
+            say(format!(
+                "flow handover for rider {i}         ingress answered {status} {answer}"
+            ));
             self.pause().await;
         }
         let calls = self.flows.wait_for_calls(2, Duration::from_secs(5)).await;
@@ -403,7 +467,11 @@ impl Demo {
         Ok(())
     }
 
-    async fn dialogs(&mut self, shop: usize, filter: pb::DialogFilter) -> anyhow::Result<Vec<pb::Conversation>> {
+    async fn dialogs(
+        &mut self,
+        shop: usize,
+        filter: pb::DialogFilter,
+    ) -> anyhow::Result<Vec<pb::Conversation>> {
         // Any employee with Chat permission there may list; dana for books, alice otherwise.
         let viewer = match shop {
             2 => self.employees[3].id.clone(),
@@ -416,7 +484,10 @@ impl Demo {
                 pb::ListDialogsRequest {
                     shop_id: self.shops[shop].id.clone(),
                     filter: filter as i32,
-                    page: Some(pb::PageRequest { page_size: 200, page_token: String::new() }),
+                    page: Some(pb::PageRequest {
+                        page_size: 200,
+                        page_token: String::new(),
+                    }),
                 },
                 &self.args.token,
                 &viewer,
@@ -452,8 +523,18 @@ impl Demo {
             .employees
             .iter()
             .map(|e| {
-                let limit = e.shops.iter().map(|s| self.shops[*s].slots).max().unwrap_or(0);
-                format!("{} {}/{}", e.name, open.get(&e.id).copied().unwrap_or(0), limit)
+                let limit = e
+                    .shops
+                    .iter()
+                    .map(|s| self.shops[*s].slots)
+                    .max()
+                    .unwrap_or(0);
+                format!(
+                    "{} {}/{}",
+                    e.name,
+                    open.get(&e.id).copied().unwrap_or(0),
+                    limit
+                )
             })
             .collect();
         println!(
@@ -474,7 +555,11 @@ impl Demo {
             say("  nobody is assigned yet; no reply sent");
             return Ok(());
         };
-        let agent = conversation.assignee.as_ref().map(|a| a.employee_id.clone()).unwrap_or_default();
+        let agent = conversation
+            .assignee
+            .as_ref()
+            .map(|a| a.employee_id.clone())
+            .unwrap_or_default();
         let reply = self
             .routing
             .reply(authed(
@@ -490,14 +575,21 @@ impl Demo {
         say(format!(
             "  {agent} replied in {} (message {})",
             conversation.conversation_id,
-            reply.into_inner().message.map(|m| m.message_id).unwrap_or_default()
+            reply
+                .into_inner()
+                .message
+                .map(|m| m.message_id)
+                .unwrap_or_default()
         ));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while self.api.requests().is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if let Some(request) = self.api.requests().last() {
-            say(format!("  MessageBird API received POST {} (answered {})", request.path, request.status));
+            say(format!(
+                "  MessageBird API received POST {} (answered {})",
+                request.path, request.status
+            ));
         }
         Ok(())
     }
@@ -508,15 +600,23 @@ impl Demo {
         let mut done = std::collections::HashSet::new();
         for shop in 0..self.shops.len() {
             for conversation in self.dialogs(shop, pb::DialogFilter::All).await? {
-                let Some(assignee) = conversation.assignee.as_ref().map(|a| a.employee_id.clone()) else {
+                let Some(assignee) = conversation
+                    .assignee
+                    .as_ref()
+                    .map(|a| a.employee_id.clone())
+                else {
                     continue;
                 };
-                if conversation.state != pb::ConversationState::Assigned as i32 || !done.insert(assignee.clone()) {
+                if conversation.state != pb::ConversationState::Assigned as i32
+                    || !done.insert(assignee.clone())
+                {
                     continue;
                 }
                 self.routing
                     .close_conversation(authed(
-                        pb::CloseConversationRequest { conversation_id: conversation.conversation_id.clone() },
+                        pb::CloseConversationRequest {
+                            conversation_id: conversation.conversation_id.clone(),
+                        },
                         &self.args.token,
                         &assignee,
                     )?)
@@ -539,7 +639,11 @@ impl Demo {
                 .iter()
                 .map(|c| {
                     pb::UnassignedReason::try_from(c.unassigned_reason)
-                        .map(|r| r.as_str_name().trim_start_matches("UNASSIGNED_REASON_").to_lowercase())
+                        .map(|r| {
+                            r.as_str_name()
+                                .trim_start_matches("UNASSIGNED_REASON_")
+                                .to_lowercase()
+                        })
                         .unwrap_or_default()
                 })
                 .collect();
@@ -548,7 +652,11 @@ impl Demo {
                 self.shops[shop].id,
                 all.len(),
                 unassigned.len(),
-                if reasons.is_empty() { String::new() } else { format!("({})", reasons.join(", ")) }
+                if reasons.is_empty() {
+                    String::new()
+                } else {
+                    format!("({})", reasons.join(", "))
+                }
             ));
         }
         Ok(())

@@ -305,7 +305,7 @@ async fn main() {
     while seen < n {
         let delivery = consumer.next().await.unwrap().unwrap();
         seen += 1;
-        if seen % 64 == 0 || seen == n {
+        if seen.is_multiple_of(64) || seen == n {
             delivery
                 .ack(lapin::options::BasicAckOptions { multiple: true })
                 .await
