@@ -80,4 +80,4 @@ echo "all services ready"
   --config-grpc http://127.0.0.1:50051 --routing-grpc http://127.0.0.1:50052 \
   --ingress http://127.0.0.1:8080 --token dev-shopctrl-token \
   --api-listen 127.0.0.1:$SIM_API_PORT --flow-listen 127.0.0.1:$SIM_FLOW_PORT \
-  --log "$LOGS/simulator.log" "$@"
+  "$@"
