@@ -227,7 +227,7 @@ async fn a_permission_granted_by_a_config_event_reaches_the_local_copy() {
         .await
         .unwrap();
     let granted = Arc::new(AtomicBool::new(false));
-    eventually(20, "bob to be allowed", || {
+    eventually(90, "bob to be allowed", || {
         let mut client = client.clone();
         let granted = granted.clone();
         async move {
