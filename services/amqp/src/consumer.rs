@@ -70,6 +70,28 @@ impl Incoming {
     }
 }
 
+/// The consumer span of one delivery: a child of the producer's trace context carried in
+/// the message headers, so one trace follows an event across services.
+pub fn consume_span(
+    queue: &str,
+    message_id: Option<&str>,
+    headers: &[(String, String)],
+    attempt: u32,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "amqp.consume",
+        queue = %queue,
+        message_id = message_id.unwrap_or(""),
+        attempt,
+        otel.kind = "consumer",
+    );
+    shopctrl_telemetry::set_parent_from_headers(
+        &span,
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    span
+}
+
 /// How a consumer runs.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
@@ -209,19 +231,11 @@ where
     let mut backoff = Duration::from_millis(50);
     loop {
         let incoming = Incoming::from_delivery(delivery, attempt);
-        let span = tracing::info_span!(
-            "amqp.consume",
-            queue = %config.queue,
-            message_id = incoming.message_id.as_deref().unwrap_or(""),
+        let span = consume_span(
+            &config.queue,
+            incoming.message_id.as_deref(),
+            &incoming.headers,
             attempt,
-            otel.kind = "consumer",
-        );
-        shopctrl_telemetry::set_parent_from_headers(
-            &span,
-            incoming
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
         );
         let outcome = handler(incoming).instrument(span).await;
         match outcome {

@@ -9,7 +9,7 @@ mod outbox;
 mod publisher;
 mod topology;
 
-pub use consumer::{ConsumeError, ConsumerConfig, Handled, Incoming, run_consumer};
+pub use consumer::{ConsumeError, ConsumerConfig, Handled, Incoming, consume_span, run_consumer};
 pub use headers::{headers_to_pairs, string_header};
 pub use outbox::{OutboxError, OutboxMessage, OutboxRelay, enqueue as outbox_enqueue};
 pub use publisher::{Outgoing, PublishError, Publisher};

@@ -87,6 +87,8 @@ pub struct OutboxRelay {
     batch_size: i64,
     poll_interval: Duration,
     mandatory: bool,
+    /// Exchanges whose events are announcements: published without `mandatory`.
+    announcement_exchanges: Vec<String>,
 }
 
 impl OutboxRelay {
@@ -97,6 +99,7 @@ impl OutboxRelay {
             batch_size: 256,
             poll_interval: Duration::from_millis(500),
             mandatory: true,
+            announcement_exchanges: Vec::new(),
         }
     }
 
@@ -105,6 +108,14 @@ impl OutboxRelay {
     /// bound there is no cache to drop, and the row would otherwise be retried forever.
     pub fn with_mandatory(mut self, mandatory: bool) -> Self {
         self.mandatory = mandatory;
+        self
+    }
+
+    /// Events to `exchanges` are announcements whose truth is stored elsewhere (employee
+    /// event streams read PostgreSQL): with no listener bound they are simply dropped, while
+    /// every other exchange keeps the default.
+    pub fn with_announcement_exchanges(mut self, exchanges: Vec<String>) -> Self {
+        self.announcement_exchanges = exchanges;
         self
     }
 
@@ -151,7 +162,7 @@ impl OutboxRelay {
                     message_id: event_id,
                     payload,
                     headers,
-                    mandatory: self.mandatory,
+                    mandatory: self.mandatory && !self.announcement_exchanges.contains(exchange),
                 })
             },
         ))

@@ -250,7 +250,6 @@ async fn main() {
     for q in [
         "messaging.outbound.result",
         "messaging.config.routing",
-        "messaging.notify.sink",
         "bench.ceiling",
     ] {
         amqp.track_queue(names.custom(q));

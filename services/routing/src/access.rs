@@ -211,12 +211,16 @@ impl Directory {
         }
     }
 
-    /// Fetches the shop from the config service and replaces the local copy.
+    /// Fetches the shop from the config service and replaces the local copy. Fetches of one
+    /// shop are serialized (a transaction-scoped advisory lock held across the call), so the
+    /// copy written last was also read last: a slow fetch cannot put back an older state over
+    /// a newer one that a config event brought in meanwhile.
     pub async fn fetch(&self, shop_id: &str) -> Result<Option<ShopSettings>, AccessError> {
+        let mut tx = self.pool.begin().await?;
+        lock_shop(&mut tx, shop_id).await?;
         let Some(shop) = self.source.routing_shop(shop_id).await? else {
             return Ok(None);
         };
-        let mut tx = self.pool.begin().await?;
         store_routing_shop(&mut tx, &shop).await?;
         tx.commit().await?;
         Ok(Some(ShopSettings {
@@ -258,14 +262,17 @@ impl Directory {
         shop_id: &str,
         employee_id: &str,
     ) -> Result<Option<Member>, AccessError> {
+        let mut tx = self.pool.begin().await?;
+        lock_shop(&mut tx, shop_id).await?;
         let access = self.source.employee_access(shop_id, employee_id).await?;
         let role = Role::try_from(access.role).unwrap_or(Role::Unspecified);
         if role == Role::Unspecified {
             sqlx::query("delete from shop_members where shop_id = $1 and employee_id = $2")
                 .bind(shop_id)
                 .bind(employee_id)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+            tx.commit().await?;
             return Ok(None);
         }
         sqlx::query(
@@ -278,10 +285,76 @@ impl Directory {
         .bind(employee_id)
         .bind(role as i16)
         .bind(access.chat_permission)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         self.member(shop_id, employee_id).await
     }
+
+    /// Applies a member change (role or Chat permission) announced by a config event. The
+    /// event says who changed; the state is read again from the config service, because
+    /// member events carry no order of their own and an older event (or an older fetch)
+    /// must not overwrite a newer grant. When the config service is unreachable the event's
+    /// own content is applied instead, and the next fetch corrects it if needed.
+    pub async fn member_changed(&self, event: &ConfigChanged) -> Result<AccessChange, AccessError> {
+        let employee_id = match &event.change {
+            Some(Change::Role(role)) => role.employee_id.as_str(),
+            Some(Change::Permission(permission)) => permission.employee_id.as_str(),
+            _ => {
+                let mut conn = self.pool.acquire().await?;
+                return Ok(apply_config_changed(&mut conn, event).await?);
+            }
+        };
+        let shop_id = event.shop_id.as_str();
+        match self.fetch(shop_id).await {
+            Ok(_) => {}
+            Err(error) if error.is_transient() => {
+                tracing::warn!(%shop_id, %error, "config service unreachable; applying the event as sent");
+                let mut conn = self.pool.acquire().await?;
+                return Ok(apply_config_changed(&mut conn, event).await?);
+            }
+            Err(error) => return Err(error),
+        }
+        // Judged by the state after, not by a difference: the local copy may already hold the
+        // new state (a fetch or an access check got there first), and both answers are
+        // idempotent for the assigner.
+        let shop_id = shop_id.to_owned();
+        let employee_id = employee_id.to_owned();
+        Ok(match self.stored_chat(&shop_id, &employee_id).await? {
+            Some(true) => AccessChange::CapacityChanged {
+                shop_id,
+                employee_id: Some(employee_id),
+            },
+            Some(false) | None => AccessChange::Withdrawn {
+                shop_id,
+                employee_id,
+            },
+        })
+    }
+
+    /// The stored Chat flag of a member (`None`: no role at the shop in the local copy).
+    async fn stored_chat(
+        &self,
+        shop_id: &str,
+        employee_id: &str,
+    ) -> Result<Option<bool>, sqlx::Error> {
+        sqlx::query_scalar(
+            "select chat_permission from shop_members where shop_id = $1 and employee_id = $2",
+        )
+        .bind(shop_id)
+        .bind(employee_id)
+        .fetch_optional(&self.pool)
+        .await
+    }
+}
+
+/// Serializes writers of one shop's local copy until the transaction ends.
+async fn lock_shop(conn: &mut PgConnection, shop_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_advisory_xact_lock(hashtext('routing-shop:' || $1))")
+        .bind(shop_id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 fn settings_from_row(row: &sqlx::postgres::PgRow) -> Result<ShopSettings, sqlx::Error> {

@@ -284,6 +284,7 @@ impl App {
             pool: pool.clone(),
             sink: sink.clone(),
             assigner: assigner.clone(),
+            directory: directory.clone(),
         };
         consumers.spawn(side::run_results(side_context.clone(), shutdown.clone()));
         consumers.spawn(side::run_config(side_context, shutdown.clone()));
@@ -302,6 +303,7 @@ impl App {
             Duration::from_secs(10),
         );
         let relay = OutboxRelay::new(pool.clone(), publisher)
+            .with_announcement_exchanges(vec![names.notify_exchange()])
             .with_poll_interval(Duration::from_millis(200));
         {
             let relay = relay.clone();
@@ -399,4 +401,27 @@ impl App {
         tracing::info!("routing stopped");
         result
     }
+}
+
+/// Every durable queue and exchange routing declares under `names` (what an operator removes
+/// when retiring a prefix, and what tests delete afterwards). Per-replica stream queues are
+/// exclusive and go away with their connection.
+pub fn declared_names(names: &Names, shards: u16) -> (Vec<String>, Vec<String>) {
+    let mut queues: Vec<String> = (0..shards).map(|s| names.inbound_shard_queue(s)).collect();
+    queues.extend([
+        names.dead_letter_queue(consumer::INBOUND_KIND),
+        names.dead_letter_queue(side::RESULTS_KIND),
+        names.dead_letter_queue(side::CONFIG_KIND),
+        side::results_queue(names),
+        side::config_queue(names),
+    ]);
+    let exchanges = vec![
+        names.inbound_exchange(),
+        names.dead_letter_exchange(),
+        names.outbound_exchange(),
+        names.config_exchange(),
+        names.notify_exchange(),
+        names.flow_exchange(),
+    ];
+    (queues, exchanges)
 }

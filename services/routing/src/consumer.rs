@@ -33,9 +33,13 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable, ShortString},
 };
-use shopctrl_amqp::{Names, QueueSpec, TopologyError, connect, declare_exchange, declare_queue};
+use shopctrl_amqp::{
+    Names, QueueSpec, TopologyError, connect, consume_span, declare_exchange, declare_queue,
+    headers_to_pairs,
+};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     assign::{AssignError, Assigner},
@@ -224,9 +228,23 @@ async fn process_batch(
         .iter()
         .map(|d| Inbound::decode(d.properties.kind().as_ref().map(|k| k.as_str()), &d.data))
         .collect();
+    // One span per event, child of the ingress span in its headers: the event's own work (and
+    // the flow events it causes, whose outbox rows carry the context) joins the webhook's trace.
+    let queue = context.names.inbound_shard_queue(shard);
+    let spans: Vec<tracing::Span> = batch
+        .iter()
+        .map(|d| {
+            consume_span(
+                &queue,
+                d.properties.message_id().as_ref().map(|m| m.as_str()),
+                &headers_to_pairs(d.properties.headers().as_ref()),
+                1,
+            )
+        })
+        .collect();
     let mut backoff = Duration::from_millis(50);
     let verdicts = loop {
-        match apply_batch(context, &decoded).await {
+        match apply_batch(context, &decoded, &spans).await {
             Ok(verdicts) => break verdicts,
             Err(error) => {
                 context.metrics.event("transient_error", 1);
@@ -261,13 +279,13 @@ async fn process_batch(
         });
     }
 
-    let mut follow_ups = FollowUps::default();
+    let mut follow_ups = Vec::new();
     let mut applied = 0u64;
-    for (delivery, verdict) in batch.iter().zip(verdicts) {
+    for ((delivery, verdict), span) in batch.iter().zip(verdicts).zip(&spans) {
         match verdict {
             Verdict::Applied(f) => {
                 applied += 1;
-                follow_ups.extend(f);
+                follow_ups.push((f, span.clone()));
             }
             Verdict::Dead(reason) => {
                 dead_letter(context, dead_letters, delivery, &reason).await?;
@@ -308,11 +326,12 @@ async fn process_batch(
 async fn apply_batch(
     context: &ShardContext,
     decoded: &[Result<Inbound, String>],
+    spans: &[tracing::Span],
 ) -> Result<Vec<Verdict>, IngestError> {
     let mut tx = context.pool.begin().await.map_err(IngestError::from)?;
     let mut memo = ShopMemo::new();
     let mut verdicts = Vec::with_capacity(decoded.len());
-    for event in decoded {
+    for (event, span) in decoded.iter().zip(spans) {
         let inbound = match event {
             Ok(inbound) => inbound,
             Err(reason) => {
@@ -323,7 +342,12 @@ async fn apply_batch(
         let mut attempt = 1;
         let verdict = loop {
             sqlx::query("savepoint event").execute(&mut *tx).await?;
-            match context.ingestor.apply(&mut tx, &mut memo, inbound).await {
+            match context
+                .ingestor
+                .apply(&mut tx, &mut memo, inbound)
+                .instrument(span.clone())
+                .await
+            {
                 Ok(follow_ups) => {
                     sqlx::query("release savepoint event")
                         .execute(&mut *tx)
@@ -354,20 +378,30 @@ async fn apply_batch(
 /// answers (the conversation stays in the queue), not outages.
 async fn run_follow_ups(
     context: &ShardContext,
-    follow_ups: FollowUps,
+    follow_ups: Vec<(FollowUps, tracing::Span)>,
     shutdown: &CancellationToken,
 ) -> bool {
-    for conversation_id in follow_ups.waiting {
-        if !retry(shutdown, || {
-            context.assigner.conversation_waiting(conversation_id)
-        })
-        .await
-        {
-            return false;
+    for (follow_ups, span) in follow_ups {
+        let done = async {
+            for conversation_id in follow_ups.waiting {
+                if !retry(shutdown, || {
+                    context.assigner.conversation_waiting(conversation_id)
+                })
+                .await
+                {
+                    return false;
+                }
+            }
+            for handover in follow_ups.handovers {
+                if !retry(shutdown, || context.assigner.handover(handover.clone())).await {
+                    return false;
+                }
+            }
+            true
         }
-    }
-    for handover in follow_ups.handovers {
-        if !retry(shutdown, || context.assigner.handover(handover.clone())).await {
+        .instrument(span)
+        .await;
+        if !done {
             return false;
         }
     }

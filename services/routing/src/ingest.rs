@@ -100,13 +100,6 @@ pub struct FollowUps {
     pub handovers: Vec<HandoverRequest>,
 }
 
-impl FollowUps {
-    pub fn extend(&mut self, other: FollowUps) {
-        self.waiting.extend(other.waiting);
-        self.handovers.extend(other.handovers);
-    }
-}
-
 /// Applies inbound events.
 #[derive(Clone)]
 pub struct Ingestor {

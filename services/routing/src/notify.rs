@@ -63,18 +63,11 @@ impl Hub {
     }
 }
 
-/// Declares the notify exchange and a durable sink queue with a short TTL bound to every key:
-/// the outbox publishes with `mandatory`, and a notification nobody is listening to must not
-/// block it.
+/// Declares the notify exchange.
 pub async fn declare_notify(channel: &lapin::Channel, names: &Names) -> Result<(), TopologyError> {
-    declare_exchange(channel, &names.notify_exchange(), ExchangeKind::Topic).await?;
-    let sink = QueueSpec {
-        quorum: false,
-        ..QueueSpec::quorum(names.custom("messaging.notify.sink"))
-    }
-    .ttl_ms(60_000)
-    .bind(names.notify_exchange(), "#");
-    declare_queue(channel, &sink).await
+    // No catch-all queue: announcements are published without `mandatory` (the outbox relay
+    // is told so), and an employee nobody streams for simply has no listener.
+    declare_exchange(channel, &names.notify_exchange(), ExchangeKind::Topic).await
 }
 
 /// Feeds the hub from the notify exchange until `shutdown`, reconnecting with backoff.

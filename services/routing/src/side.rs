@@ -12,14 +12,15 @@ use shopctrl_amqp::{
 };
 use shopctrl_domain::status_update_allowed;
 use shopctrl_proto::v1::{
-    ConfigChanged, MessageStatus, OutboundSendResult, SendFailedEvent, employee_event,
+    ConfigChanged, MessageStatus, OutboundSendResult, SendFailedEvent, config_changed::Change,
+    employee_event,
 };
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    access::{AccessChange, apply_config_changed},
+    access::{AccessChange, AccessError, Directory, apply_config_changed},
     assign::Assigner,
     store::{self, Sink, StoreError},
 };
@@ -77,6 +78,8 @@ pub struct SideContext {
     pub pool: PgPool,
     pub sink: Sink,
     pub assigner: Arc<dyn Assigner>,
+    /// Member events are re-read through it.
+    pub directory: Directory,
 }
 
 fn consumer_config(context: &SideContext, queue: String, kind: &str) -> ConsumerConfig {
@@ -277,18 +280,22 @@ async fn handle_config(context: &SideContext, incoming: Incoming) -> Handled {
         .map(|m| m.event_id.clone())
         .or_else(|| incoming.message_id.clone())
         .unwrap_or_default();
-    let change = async {
-        let mut tx = context.pool.begin().await?;
-        if !event_id.is_empty()
-            && !store::first_time(&mut tx, &format!("config:{event_id}")).await?
-        {
-            return Ok::<_, sqlx::Error>(AccessChange::Nothing);
+    let member_event = matches!(
+        event.change,
+        Some(Change::Role(_)) | Some(Change::Permission(_))
+    );
+    let change = if member_event {
+        // Re-read from the config service: idempotent, so no deduplication is needed.
+        match context.directory.member_changed(&event).await {
+            Ok(change) => Ok(change),
+            Err(AccessError::Database(error)) => Err(error),
+            Err(error @ AccessError::Source(_)) => {
+                return Handled::Failed(error.to_string());
+            }
         }
-        let change = apply_config_changed(&mut tx, &event).await?;
-        tx.commit().await?;
-        Ok(change)
-    }
-    .await;
+    } else {
+        settings_changed(context, &event, &event_id).await
+    };
     let change = match change {
         Ok(change) => change,
         Err(error) => return store_outcome(error.into()),
@@ -318,4 +325,19 @@ async fn handle_config(context: &SideContext, incoming: Incoming) -> Handled {
             Handled::Ack
         }
     }
+}
+
+/// Settings and secret events: applied once (deduplicated by event id), version-guarded.
+async fn settings_changed(
+    context: &SideContext,
+    event: &ConfigChanged,
+    event_id: &str,
+) -> Result<AccessChange, sqlx::Error> {
+    let mut tx = context.pool.begin().await?;
+    if !event_id.is_empty() && !store::first_time(&mut tx, &format!("config:{event_id}")).await? {
+        return Ok(AccessChange::Nothing);
+    }
+    let change = apply_config_changed(&mut tx, event).await?;
+    tx.commit().await?;
+    Ok(change)
 }

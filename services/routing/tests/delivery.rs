@@ -9,7 +9,7 @@ mod common;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -18,8 +18,8 @@ use common::{Env, Msg, SHOP, as_employee, eventually, shop};
 use prost::Message as _;
 use shopctrl_amqp::Outgoing;
 use shopctrl_proto::v1::{
-    ChatPermissionChanged, ConfigChanged, DialogFilter, EventMeta, ListDialogsRequest,
-    config_changed::Change,
+    ChatPermissionChanged, ConfigChanged, DialogFilter, EmployeeRoleChanged, EventMeta,
+    ListDialogsRequest, Role, config_changed::Change,
 };
 use shopctrl_routing::consumer::{CommitHook, Committed};
 
@@ -181,8 +181,46 @@ async fn one_conversation_keeps_its_order_across_two_consumers() {
     second.stop().await;
 }
 
+async fn publish_config_event(env: &Env, change: Change) {
+    let event = ConfigChanged {
+        meta: Some(EventMeta {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            occurred_at: None,
+            producer: "config".into(),
+        }),
+        shop_id: SHOP.into(),
+        version: 1,
+        change: Some(change),
+    };
+    let payload = event.encode_to_vec();
+    let id = uuid::Uuid::new_v4().to_string();
+    env.publisher
+        .publish(Outgoing {
+            exchange: &env.names.config_exchange(),
+            routing_key: "",
+            message_type: "shopctrl.messaging.v1.ConfigChanged",
+            message_id: &id,
+            payload: &payload,
+            headers: &[],
+            mandatory: true,
+        })
+        .await
+        .unwrap();
+}
+
+async fn stored_chat(env: &Env, employee: &str) -> Option<bool> {
+    sqlx::query_scalar(
+        "select chat_permission from shop_members where shop_id = $1 and employee_id = $2",
+    )
+    .bind(SHOP)
+    .bind(employee)
+    .fetch_optional(&env.pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
-async fn a_permission_granted_by_a_config_event_reaches_the_local_copy() {
+async fn member_events_make_the_local_copy_follow_the_config_service() {
     let env = Env::start(shop(true, false)).await;
     let mut client = env.client().await;
     let list = || {
@@ -199,48 +237,62 @@ async fn a_permission_granted_by_a_config_event_reaches_the_local_copy() {
         client.list_dialogs(list()).await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
-    // The fake config service keeps saying no: only the event can change the answer.
-    let event = ConfigChanged {
-        meta: Some(EventMeta {
-            event_id: uuid::Uuid::new_v4().to_string(),
-            occurred_at: None,
-            producer: "config".into(),
-        }),
-        shop_id: SHOP.into(),
-        version: 2,
-        change: Some(Change::Permission(ChatPermissionChanged {
+    assert_eq!(stored_chat(&env, "bob").await, Some(false));
+
+    // Bob is granted Chat at the config service; its event makes routing re-read him. Only the
+    // stored copy is polled: an API call would ask the config service itself.
+    let mut granted = shop(true, false);
+    granted.employees[1].chat_permission = true;
+    env.config.put(granted.clone());
+    publish_config_event(
+        &env,
+        Change::Permission(ChatPermissionChanged {
             employee_id: "bob".into(),
             chat_permission: true,
-        })),
-    };
-    let payload = event.encode_to_vec();
-    env.publisher
-        .publish(Outgoing {
-            exchange: &env.names.config_exchange(),
-            routing_key: "",
-            message_type: "shopctrl.messaging.v1.ConfigChanged",
-            message_id: "cfg-1",
-            payload: &payload,
-            headers: &[],
-            mandatory: true,
-        })
-        .await
-        .unwrap();
-    let granted = Arc::new(AtomicBool::new(false));
-    eventually(90, "bob to be allowed", || {
-        let mut client = client.clone();
-        let granted = granted.clone();
-        async move {
-            if client.list_dialogs(list()).await.is_ok() {
-                granted.store(true, Ordering::SeqCst);
-                Some(())
-            } else {
-                None
-            }
-        }
+        }),
+    )
+    .await;
+    eventually(90, "the grant in the local copy", || async {
+        (stored_chat(&env, "bob").await == Some(true)).then_some(())
     })
     .await;
-    assert!(granted.load(Ordering::SeqCst));
+    client
+        .list_dialogs(list())
+        .await
+        .expect("bob may list dialogs once the grant is applied");
+
+    // An event whose content is older than the truth (the role event sent before the grant,
+    // arriving late) does not take the grant back: the config service still says yes.
+    publish_config_event(
+        &env,
+        Change::Role(EmployeeRoleChanged {
+            employee_id: "bob".into(),
+            role: Role::ShopEmployee as i32,
+            chat_permission: false,
+            display_name: "Bob".into(),
+        }),
+    )
+    .await;
+    // A later marker event shows the stale one was processed (one consumer, in order).
+    granted.employees[0].chat_permission = false;
+    env.config.put(granted);
+    publish_config_event(
+        &env,
+        Change::Permission(ChatPermissionChanged {
+            employee_id: "alice".into(),
+            chat_permission: false,
+        }),
+    )
+    .await;
+    eventually(90, "alice's withdrawal in the local copy", || async {
+        (stored_chat(&env, "alice").await == Some(false)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stored_chat(&env, "bob").await,
+        Some(true),
+        "the grant stands"
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ mod propagation;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
 
 pub use propagation::{
     extract_context, extract_from_http, inject_current, set_parent_from_headers,
@@ -101,7 +101,23 @@ pub fn init(service_name: &'static str) -> Result<TelemetryGuard, TelemetryError
     let otel_layer = provider.as_ref().map(|p| {
         let tracer = p.tracer(service_name);
         opentelemetry::global::set_tracer_provider(p.clone());
-        tracing_opentelemetry::layer().with_tracer(tracer)
+        // Only spans about our work: the AMQP client's connection loop and the HTTP/2 internals
+        // would each start a trace of their own and bury the request traces.
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                ![
+                    "lapin",
+                    "h2",
+                    "hyper",
+                    "tower",
+                    "sqlx",
+                    "redis",
+                    "amq_protocol",
+                ]
+                .iter()
+                .any(|noisy| meta.target().starts_with(noisy))
+            }))
     });
 
     let (json, text) = match LogFormat::from_env() {

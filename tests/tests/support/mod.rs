@@ -77,6 +77,13 @@ impl Service {
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        // Dead before the backends go: a live service would declare its queues again.
+        for _ in 0..200 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -101,6 +108,26 @@ impl Backends {
             redis,
             amqp,
             log_dir,
+        }
+    }
+
+    /// Registers every durable queue and exchange the services declare under this stack's
+    /// prefix, so they are deleted when the stack goes away (with the default retry tiers).
+    pub fn track_topology(&self, shards: u32) {
+        let shards = u16::try_from(shards).expect("shard count fits u16");
+        let names = shopctrl_amqp::Names::new(self.amqp.prefix());
+        let (queues, exchanges) = shopctrl_routing::app::declared_names(&names, shards);
+        let tiers = shopctrl_flow_callback::Settings::defaults()
+            .retry_policy()
+            .expect("default retry policy")
+            .tiers()
+            .to_vec();
+        let flow_callback = shopctrl_flow_callback::topology::Topology::new(names, &tiers);
+        for queue in queues.into_iter().chain(flow_callback.queue_names()) {
+            self.amqp.track_queue(queue);
+        }
+        for exchange in exchanges {
+            self.amqp.track_exchange(exchange);
         }
     }
 
@@ -228,8 +255,8 @@ use shopctrl_proto::v1::{
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
 
 /// The four services, the simulator's MessageBird side, and clients for the public doors.
+/// Fields drop in order: the services die before their backends are deleted.
 pub struct Stack {
-    pub backends: Backends,
     pub config: Service,
     pub routing: Service,
     pub ingress: Service,
@@ -242,6 +269,7 @@ pub struct Stack {
     pub http: reqwest::Client,
     routing_env: HashMap<String, String>,
     routing_ops_port: u16,
+    pub backends: Backends,
 }
 
 pub fn authed<T>(message: T, employee: &str) -> Request<T> {
@@ -291,6 +319,7 @@ impl Stack {
             .await
             .expect("simulated flow receiver");
         let shards = 2;
+        backends.track_topology(shards);
         let mut env = backends.common_env(shards);
         env.insert("ALLOW_HTTP_WEBHOOK_URLS".into(), "true".into());
         env.insert("SECRETS_ENCRYPTION_KEYS".into(), ENCRYPTION_KEYS.into());

@@ -184,29 +184,14 @@ impl Env {
             );
         }
         let shard_count = ShardCount::new(shards).unwrap();
-        for name in [
-            names.inbound_exchange(),
-            names.dead_letter_exchange(),
-            names.outbound_exchange(),
-            names.config_exchange(),
-            names.notify_exchange(),
-        ] {
-            amqp.track_exchange(name);
-        }
-        for shard in 0..shard_count.get() {
-            amqp.track_queue(names.inbound_shard_queue(shard));
-        }
-        for name in [
-            names.dead_letter_queue("inbound"),
-            names.dead_letter_queue("outbound-result"),
-            names.dead_letter_queue("config-routing"),
-            names.custom("messaging.outbound.result"),
-            names.custom("messaging.config.routing"),
-            names.custom("messaging.notify.sink"),
-            names.custom("test.outbound.send"),
-        ] {
+        let (queues, exchanges) = shopctrl_routing::app::declared_names(&names, shard_count.get());
+        for name in queues {
             amqp.track_queue(name);
         }
+        for name in exchanges {
+            amqp.track_exchange(name);
+        }
+        amqp.track_queue(names.custom("test.outbound.send"));
         let publisher = Publisher::connect(amqp.url(), "routing tests", Duration::from_secs(10))
             .await
             .unwrap();
