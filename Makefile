@@ -22,10 +22,11 @@ build:
 run: infra build
 	@bash deploy/run-local.sh
 
-test: infra lint test-rust check-chart
+test: infra lint test-rust test-e2e check-chart
 
 # Every crate's unit and integration tests against the real PostgreSQL, Redis and RabbitMQ, and
-# the simulator's own tests. The whole-stack suites of tests/tests run under test-e2e.
+# the simulator's own tests. The whole-stack suites of tests/tests (end to end, traces, faults
+# survived) run under test-e2e, which make test runs too.
 test-rust:
 	$(CARGO) build --locked --workspace --bins
 	$(CARGO) test --locked --workspace --all-targets --no-fail-fast --exclude shopctrl-e2e

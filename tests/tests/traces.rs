@@ -103,6 +103,25 @@ async fn one_trace_runs_from_the_handover_through_routing_to_the_flow_callback()
     .await;
     let shop = stack.create_shop("traced", 1, false).await;
     stack.add_agent("traced", "tia").await;
+    // The handover must find tia's Chat permission in routing's copy; otherwise it queues and
+    // the flow event comes later, in the trace of the config change that frees it.
+    let pool = sqlx::PgPool::connect_with(stack.backends.db.options())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), || async {
+        let granted: Option<bool> = sqlx::query_scalar(
+            "select chat_permission from routing.shop_members
+             where shop_id = 'traced' and employee_id = 'tia'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .ok()
+        .flatten();
+        (granted == Some(true)).then_some(())
+    })
+    .await
+    .expect("routing learned tia's Chat permission");
+    pool.close().await;
 
     let c = Conversation::new(Channel::WhatsApp, "31600000071");
     stack.customer_says(&shop, &c, "hello").await;
