@@ -127,12 +127,11 @@ impl App {
             });
         }
         let tokens =
-            Tokens::parse(settings.auth_tokens.as_ref().map(|t| t.expose())).map_err(|e| {
-                StartError::Setting {
+            crate::auth::tokens_from_setting(settings.auth_tokens.as_ref().map(|t| t.expose()))
+                .map_err(|e| StartError::Setting {
                     name: "AUTH_TOKENS",
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
         let pool = PgPoolOptions::new()
             .max_connections(settings.database_max_connections)
             .acquire_timeout(Duration::from_secs(5))
