@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: every benchmark of the project, each measuring its raw ceiling in the same run
 # and printing ratios; each records its figures in deploy/BENCHMARKS.md.
-# BENCH_ONLY=ingress|routing|slots runs one of them.
+# BENCH_ONLY=ingress|routing|slots|e2e runs one of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,4 +15,5 @@ run() {
 run slots deploy/bench-routing-slots.sh
 run routing deploy/bench-routing.sh
 run ingress deploy/bench-ingress.sh
+run e2e deploy/bench-e2e.sh
 echo "=== results recorded in deploy/BENCHMARKS.md"

@@ -74,7 +74,7 @@ struct Demo {
     webhooks_refused: u32,
 }
 
-fn authed<T>(message: T, token: &str, employee: &str) -> anyhow::Result<Request<T>> {
+pub(crate) fn authed<T>(message: T, token: &str, employee: &str) -> anyhow::Result<Request<T>> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(
         "authorization",

@@ -2,6 +2,7 @@
 //! MessageBird signs them, in every payload shape ingress must accept, and the MessageBird
 //! side that our services call.
 
+pub mod bench;
 pub mod conversations_api;
 pub mod demo;
 pub mod flow_receiver;

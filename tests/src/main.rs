@@ -21,6 +21,8 @@ enum Command {
     /// Seed shops and employees, play a scenario against a running stack and show it live
     /// (what `make run` runs).
     Demo(shopctrl_e2e::demo::DemoArgs),
+    /// The end-to-end benchmark's client against a running stack (what `make bench` runs).
+    Bench(shopctrl_e2e::bench::BenchArgs),
     /// Send one signed webhook (an inbound message) to ingress.
     Send {
         /// Where ingress listens.
@@ -73,6 +75,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => shopctrl_e2e::demo::run(args).await?,
+        Command::Bench(args) => shopctrl_e2e::bench::run(args).await?,
         Command::Send {
             ingress_url,
             public_base,

@@ -1,0 +1,447 @@
+//! The end-to-end benchmark's client (`mb-simulator bench`): seeds shops and agents through
+//! the config service, then drives a running stack through its public doors only (signed
+//! webhooks and flow handovers to ingress) and reads what routing recorded, to report:
+//!
+//! - latency at a fixed offered rate: webhook sent → assignment recorded in PostgreSQL (for the
+//!   webhooks that start a conversation), p50/p99;
+//! - the sustained end-to-end rate: as many signed webhooks as the stack takes, counted from the
+//!   first send until routing has recorded every accepted one;
+//! - handover → flow event delivered to the shop's flow webhook, p50/p99.
+//!
+//! The workload: `shops` shops, each with every one of `agents` agents (so slots are shared
+//! across shops), 1 in 5 webhooks starting a new WhatsApp conversation and the others continuing
+//! one of the open ones. Prints one JSON object with every figure.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context;
+use futures::{StreamExt, stream};
+use shopctrl_proto::v1::{self as pb, config_service_client::ConfigServiceClient};
+use sqlx::Row;
+
+use crate::{
+    demo::authed,
+    flow_receiver::{FlowReceiver, Handover, call_handover},
+    webhooks::{self, Channel, Content, Conversation},
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub config_grpc: String,
+    /// ingress's base URL (also the public base URL webhooks are signed for).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub ingress: String,
+    /// The `shopctrl` caller's service token.
+    #[arg(long, default_value = "dev-shopctrl-token")]
+    pub token: String,
+    /// The database routing records in (its `routing` schema is read).
+    #[arg(long)]
+    pub database_url: String,
+    /// Where the flow webhook receiver listens.
+    #[arg(long, default_value = "127.0.0.1:9212")]
+    pub flow_listen: std::net::SocketAddr,
+    #[arg(long, default_value_t = 20)]
+    pub shops: usize,
+    #[arg(long, default_value_t = 50)]
+    pub agents: usize,
+    /// Offered rate of the latency phase (webhooks/s).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u32,
+    /// Length of each phase in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Requests in flight in the throughput phase.
+    #[arg(long, default_value_t = 128)]
+    pub concurrency: usize,
+    /// Handovers measured (at 50/s).
+    #[arg(long, default_value_t = 200)]
+    pub handovers: usize,
+}
+
+struct Shop {
+    id: String,
+    signing_key: String,
+    handover_secret: String,
+}
+
+/// Webhook bodies to send: (shop index, body, the conversation it starts if it starts one).
+struct Workload {
+    shops: usize,
+    open: Vec<(usize, Conversation)>,
+    counter: u64,
+}
+
+impl Workload {
+    fn next(&mut self) -> (usize, Vec<u8>, Option<String>) {
+        self.counter += 1;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let content = Content::Text(format!("question {}", self.counter));
+        if self.open.is_empty() || self.counter.is_multiple_of(5) {
+            let shop = (self.counter as usize) % self.shops;
+            let conversation = Conversation::new(
+                Channel::WhatsApp,
+                &format!("3169{:07}", self.counter % 10_000_000),
+            );
+            let body = conversation.inbound(&id, &content).to_string().into_bytes();
+            let started = conversation.conversation_id.clone();
+            self.open.push((shop, conversation));
+            (shop, body, Some(started))
+        } else {
+            let pick = (self.counter as usize * 7919) % self.open.len();
+            let (shop, conversation) = &self.open[pick];
+            let body = conversation.inbound(&id, &content).to_string().into_bytes();
+            (*shop, body, None)
+        }
+    }
+}
+
+async fn send(
+    http: &reqwest::Client,
+    ingress: &str,
+    shop: &Shop,
+    body: Vec<u8>,
+) -> anyhow::Result<u16> {
+    let signed = webhooks::sign_webhook(
+        ingress,
+        &webhooks::webhook_path(&shop.id),
+        &body,
+        &shop.signing_key,
+    );
+    let mut request = http.post(&signed.url).body(signed.body);
+    for (name, value) in &signed.headers {
+        request = request.header(name, value);
+    }
+    Ok(request.send().await?.status().as_u16())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let flows = FlowReceiver::start_on(args.flow_listen)
+        .await
+        .context("starting the flow receiver")?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&args.database_url)
+        .await
+        .context("routing's database")?;
+    let mut config = ConfigServiceClient::connect(args.config_grpc.clone()).await?;
+    let owner = format!("owner-{run_id}");
+    let mut shops = Vec::new();
+    // The last shop waits for flow handovers (assign_on_first_message off).
+    for index in 0..=args.shops {
+        let id = format!("bench-{run_id}-{index}");
+        let signing_key = format!("bench-signing-key-{run_id}-{index}-0123456789");
+        let handovers_only = index == args.shops;
+        config
+            .upsert_employee_role(authed(
+                pb::UpsertEmployeeRoleRequest {
+                    shop_id: id.clone(),
+                    employee_id: owner.clone(),
+                    role: pb::Role::ShopOwnerAdmin as i32,
+                    display_name: "Owner".into(),
+                },
+                &args.token,
+                &owner,
+            )?)
+            .await?;
+        config
+            .update_shop_settings(authed(
+                pb::UpdateShopSettingsRequest {
+                    shop_id: id.clone(),
+                    expected_version: 0,
+                    workspace_id: Some("wsbench".into()),
+                    access_key: Some(format!("live_bench_access_key_{run_id}_{index}")),
+                    signing_key: Some(signing_key.clone()),
+                    assign_on_first_message: Some(!handovers_only),
+                    event_webhook_url: Some(flows.url(&format!("flow-{index}"))),
+                    whatsapp_template_name: Some("agent_reply".into()),
+                    whatsapp_template_namespace: Some("bench_namespace".into()),
+                    whatsapp_template_language: Some("en".into()),
+                    new_conversation_on_closed: Some(false),
+                    conversation_slots: Some(1000),
+                    legacy_signature_enabled: Some(false),
+                },
+                &args.token,
+                &owner,
+            )?)
+            .await?;
+        let handover_secret = config
+            .rotate_handover_secret(authed(
+                pb::RotateSecretRequest {
+                    shop_id: id.clone(),
+                },
+                &args.token,
+                &owner,
+            )?)
+            .await?
+            .into_inner()
+            .secret;
+        // Flow events are signed with it.
+        config
+            .rotate_callback_secret(authed(
+                pb::RotateSecretRequest {
+                    shop_id: id.clone(),
+                },
+                &args.token,
+                &owner,
+            )?)
+            .await?;
+        for agent in 0..args.agents {
+            let employee_id = format!("agent-{run_id}-{agent}");
+            config
+                .upsert_employee_role(authed(
+                    pb::UpsertEmployeeRoleRequest {
+                        shop_id: id.clone(),
+                        employee_id: employee_id.clone(),
+                        role: pb::Role::ShopEmployee as i32,
+                        display_name: format!("Agent {agent}"),
+                    },
+                    &args.token,
+                    &owner,
+                )?)
+                .await?;
+            config
+                .set_chat_permission(authed(
+                    pb::SetChatPermissionRequest {
+                        shop_id: id.clone(),
+                        employee_id,
+                        chat_permission: true,
+                    },
+                    &args.token,
+                    &owner,
+                )?)
+                .await?;
+        }
+        shops.push(Shop {
+            id,
+            signing_key,
+            handover_secret,
+        });
+    }
+    let handover_shop = shops.pop().context("no handover shop")?;
+    let shops = Arc::new(shops);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .build()?;
+    // Let routing's copy of the config settle (events), so no claim meets a half-seeded shop.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut workload = Workload {
+        shops: shops.len(),
+        open: Vec::new(),
+        counter: 0,
+    };
+
+    // Phase 1: fixed offered rate; send times of conversation-starting webhooks.
+    let started_at: Arc<Mutex<HashMap<String, SystemTime>>> = Arc::default();
+    let total = args.rate as u64 * args.seconds;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let refused = Arc::new(Mutex::new(0u64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        ticker.tick().await;
+        let (shop, body, starts) = workload.next();
+        let (http, shops, ingress) = (http.clone(), shops.clone(), args.ingress.clone());
+        let (started_at, refused) = (started_at.clone(), refused.clone());
+        tasks.spawn(async move {
+            let sent = SystemTime::now();
+            match send(&http, &ingress, &shops[shop], body).await {
+                Ok(200..=299) => {
+                    if let (Some(id), Ok(mut map)) = (starts, started_at.lock()) {
+                        map.insert(id, sent);
+                    }
+                }
+                _ => {
+                    if let Ok(mut n) = refused.lock() {
+                        *n += 1;
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let starts: HashMap<String, SystemTime> =
+        started_at.lock().map(|m| m.clone()).unwrap_or_default();
+    let assigned = wait_assigned(&pool, &starts, Duration::from_secs(60)).await?;
+    let mut latencies: Vec<f64> = starts
+        .iter()
+        .filter_map(|(id, sent)| {
+            let at = assigned.get(id)?;
+            at.duration_since(*sent)
+                .ok()
+                .map(|d| d.as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let phase1_refused = refused.lock().map(|n| *n).unwrap_or(0);
+
+    // Phase 2: as fast as the stack takes them, `concurrency` in flight.
+    let before: i64 = sqlx::query_scalar("select count(*) from routing.messages")
+        .fetch_one(&pool)
+        .await?;
+    let bodies: Vec<(usize, Vec<u8>)> = (0..(args.seconds as usize * 15_000))
+        .map(|_| {
+            let (shop, body, _) = workload.next();
+            (shop, body)
+        })
+        .collect();
+    let first_send = Instant::now();
+    let deadline = first_send + Duration::from_secs(args.seconds);
+    let accepted = stream::iter(bodies)
+        .take_while(|_| futures::future::ready(Instant::now() < deadline))
+        .map(|(shop, body)| {
+            let (http, shops, ingress) = (http.clone(), shops.clone(), args.ingress.clone());
+            async move {
+                matches!(
+                    send(&http, &ingress, &shops[shop], body).await,
+                    Ok(200..=299)
+                )
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await as i64;
+    let sending = first_send.elapsed().as_secs_f64();
+    let recorded_deadline = Instant::now() + Duration::from_secs(120);
+    let recorded = loop {
+        let now: i64 = sqlx::query_scalar("select count(*) from routing.messages")
+            .fetch_one(&pool)
+            .await?;
+        if now - before >= accepted || Instant::now() > recorded_deadline {
+            break now - before;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let end_to_end = first_send.elapsed().as_secs_f64();
+
+    // Phase 3: handovers at 50/s to conversations that wait for one.
+    let mut handover_latencies = Vec::new();
+    let mut waiting = Vec::new();
+    for i in 0..args.handovers {
+        let conversation = Conversation::new(Channel::WhatsApp, &format!("3168{:07}", i));
+        let body = conversation
+            .inbound(
+                &uuid::Uuid::new_v4().simple().to_string(),
+                &Content::Text("hi".into()),
+            )
+            .to_string()
+            .into_bytes();
+        send(&http, &args.ingress, &handover_shop, body).await?;
+        waiting.push(conversation);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut sent_at = HashMap::new();
+    let calls_before = flows.calls().len();
+    for conversation in &waiting {
+        let at = Instant::now();
+        let (status, _) = call_handover(
+            &http,
+            &args.ingress,
+            &handover_shop.id,
+            &handover_shop.handover_secret,
+            &Handover {
+                conversation_id: conversation.conversation_id.clone(),
+                msisdn: conversation.msisdn.clone(),
+                ..Handover::default()
+            },
+        )
+        .await?;
+        if status == 200 {
+            sent_at.insert(conversation.conversation_id.clone(), at);
+        } else {
+            eprintln!("handover refused with {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let handovers_accepted = sent_at.len();
+    let calls = flows
+        .wait_for_calls(calls_before + handovers_accepted, Duration::from_secs(30))
+        .await;
+    for call in calls.iter().skip(calls_before) {
+        if let Some(at) = call
+            .field("messagebird_conversation_id")
+            .and_then(|id| sent_at.remove(&id))
+        {
+            handover_latencies.push(call.at.duration_since(at).as_secs_f64() * 1000.0);
+        }
+    }
+    handover_latencies.sort_by(f64::total_cmp);
+
+    let report = serde_json::json!({
+        "workload": {
+            "shops": args.shops, "agents_per_shop": args.agents, "new_conversation_share": 0.2,
+        },
+        "latency_phase": {
+            "offered_per_s": args.rate, "seconds": args.seconds, "sent": total,
+            "refused": phase1_refused, "conversations_started": starts.len(),
+            "assigned": latencies.len(),
+            "webhook_to_assignment_ms": {
+                "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99),
+                "max": percentile(&latencies, 1.0),
+            },
+        },
+        "throughput_phase": {
+            "concurrency": args.concurrency, "accepted": accepted, "recorded": recorded,
+            "sending_seconds": sending, "end_to_end_seconds": end_to_end,
+            "end_to_end_per_s": recorded as f64 / end_to_end,
+        },
+        "handover_phase": {
+            "handovers": args.handovers, "accepted": handovers_accepted,
+            "flow_events_received": calls.len() - calls_before,
+            "flow_events_matched": handover_latencies.len(),
+            "handover_to_flow_event_ms": {
+                "p50": percentile(&handover_latencies, 0.5),
+                "p99": percentile(&handover_latencies, 0.99),
+            },
+        },
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// First assignment time per started MessageBird conversation, waiting until all are assigned.
+async fn wait_assigned(
+    pool: &sqlx::PgPool,
+    starts: &HashMap<String, SystemTime>,
+    within: Duration,
+) -> anyhow::Result<HashMap<String, SystemTime>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let rows = sqlx::query(
+            "select c.messagebird_conversation_id as id,
+                    extract(epoch from min(a.created_at))::float8 as at
+             from routing.assignment_log a join routing.conversations c using (conversation_id)
+             where a.kind in ('auto', 'queue')
+             group by 1",
+        )
+        .fetch_all(pool)
+        .await?;
+        let mut found = HashMap::new();
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let at: f64 = row.try_get("at")?;
+            if starts.contains_key(&id) {
+                found.insert(id, SystemTime::UNIX_EPOCH + Duration::from_secs_f64(at));
+            }
+        }
+        if found.len() >= starts.len() || Instant::now() > deadline {
+            return Ok(found);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
