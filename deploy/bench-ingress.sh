@@ -52,7 +52,7 @@ fi
 
 if [[ -z "${BENCH_SKIP_BUILD:-}" ]]; then
   echo "building release binaries..."
-  cargo build --release --locked -p shopctrl-ingress --bins
+  cargo build --release --locked -p shopctrl-ingress -p shopctrl-e2e --bins
 fi
 BIN=${CARGO_TARGET_DIR:-target}/${BENCH_PROFILE:-release}
 
@@ -82,11 +82,11 @@ wait_http "http://127.0.0.1:$OPS_PORT/readyz"
 echo "signing requests..."
 FULL_COUNT=$(( DURATION * 45000 ))
 RATE_COUNT=$(( DURATION * RATE * 3 / 2 ))
-"$BIN/ingress-bench" gen --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
+"$BIN/mb-simulator" load-files --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
   --signing-key "$KEY" --count "$FULL_COUNT" --out-dir "$WORK/full"
-"$BIN/ingress-bench" gen --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
+"$BIN/mb-simulator" load-files --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
   --signing-key "$KEY" --count "$RATE_COUNT" --out-dir "$WORK/rate"
-"$BIN/ingress-bench" gen --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
+"$BIN/mb-simulator" load-files --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
   --signing-key "$KEY" --count 20000 --out-dir "$WORK/warm"
 
 metric() { # name pattern -> value (0 when absent)

@@ -21,13 +21,9 @@ use lapin::{
 };
 use prost::Message as _;
 use shopctrl_amqp::{Names, Outgoing, Publisher, declare_exchange};
-use shopctrl_ingress::{
-    fake_config::FakeConfig,
-    payload::parse_webhook,
-    signature::{sha256_hex, sign_jwt_hs256},
-};
+use shopctrl_ingress::{fake_config::FakeConfig, payload::parse_webhook};
 use shopctrl_proto::v1::IngressShop;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 
 #[derive(Parser)]
 #[command(name = "ingress-bench", about = "Helpers of deploy/bench-ingress.sh")]
@@ -48,23 +44,6 @@ enum Cmd {
         shop: String,
         #[arg(long)]
         signing_key: String,
-    },
-    /// Write bodies.txt and tokens.txt (`<body index>\t<JWT>`), one unique jti per token.
-    Gen {
-        #[arg(long)]
-        public_base: String,
-        #[arg(long, default_value = "bench-shop")]
-        shop: String,
-        #[arg(long)]
-        signing_key: String,
-        #[arg(long, default_value_t = 300_000)]
-        count: usize,
-        #[arg(long, default_value_t = 256)]
-        bodies: usize,
-        #[arg(long, default_value_t = 1800)]
-        lifetime_seconds: i64,
-        #[arg(long)]
-        out_dir: std::path::PathBuf,
     },
     /// A minimal HTTP server: reads the body, answers 200; no verification, no publishing.
     PlainHttp {
@@ -144,25 +123,6 @@ async fn main() -> anyhow::Result<()> {
             let addr = fake.serve(listen, stop.clone()).await?;
             println!("fake config on {addr}");
             stop.cancelled().await;
-        }
-        Cmd::Gen {
-            public_base,
-            shop,
-            signing_key,
-            count,
-            bodies,
-            lifetime_seconds,
-            out_dir,
-        } => {
-            generate(
-                &public_base,
-                &shop,
-                &signing_key,
-                count,
-                bodies,
-                lifetime_seconds,
-                &out_dir,
-            )?;
         }
         Cmd::PlainHttp { listen } => {
             let router = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
@@ -258,72 +218,6 @@ async fn main() -> anyhow::Result<()> {
             bare_publish(&amqp_url, &prefix, shards, concurrency, seconds, &bodies).await?;
         }
     }
-    Ok(())
-}
-
-fn generate(
-    public_base: &str,
-    shop: &str,
-    key: &str,
-    count: usize,
-    bodies: usize,
-    lifetime: i64,
-    dir: &std::path::Path,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let url = format!(
-        "{}/webhooks/messagebird/{shop}",
-        public_base.trim_end_matches('/')
-    );
-    let mut all = Vec::new();
-    for i in 0..bodies.max(1) {
-        let conversation = uuid::Uuid::new_v4().simple().to_string();
-        let platform = if i % 4 == 3 { "livechat" } else { "whatsapp" };
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-        // The shape of a real WhatsApp inbound text webhook (payloads/ in the tests).
-        let body = serde_json::json!({
-            "contact": { "id": uuid::Uuid::new_v4().simple().to_string(),
-                "href": "https://contacts.messagebird.com/v2/contacts/9354647c5a144c3b8f7c4ba4e5e6ee6a",
-                "msisdn": 31_612_340_000u64 + i as u64, "displayName": "Jane Doe", "firstName": "Jane",
-                "lastName": "Doe", "customDetails": {}, "attributes": {},
-                "createdDatetime": "2023-05-02T09:10:11Z", "updatedDatetime": "2023-05-02T09:14:03Z" },
-            "conversation": { "id": conversation, "contactId": "9354647c5a144c3b8f7c4ba4e5e6ee6a",
-                "status": "active", "createdDatetime": "2023-05-02T09:10:11Z", "updatedDatetime": now,
-                "lastReceivedDatetime": now, "lastUsedChannelId": "619747f69cf940a98fb443140ce9aed2",
-                "lastUsedPlatformId": platform,
-                "messages": { "totalCount": 3, "href": format!("https://conversations.messagebird.com/v1/conversations/{conversation}/messages") } },
-            "message": { "id": uuid::Uuid::new_v4().simple().to_string(), "conversationId": conversation,
-                "platform": platform, "to": "+31970102030", "from": format!("+{}", 31_612_340_000u64 + i as u64),
-                "channelId": "619747f69cf940a98fb443140ce9aed2", "type": "text",
-                "content": { "text": format!("Hi, I would like to talk to a person about my order {i}") },
-                "direction": "received", "status": "received", "createdDatetime": now, "updatedDatetime": now },
-            "type": "message.created"
-        });
-        all.push(body.to_string());
-    }
-    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("bodies.txt"))?);
-    for body in &all {
-        writeln!(out, "{body}")?;
-    }
-    out.flush()?;
-    let hashes: Vec<String> = all.iter().map(|b| sha256_hex(b.as_bytes())).collect();
-    let url_hash = sha256_hex(url.as_bytes());
-    let now = chrono::Utc::now().timestamp();
-    let mut out = std::io::BufWriter::new(std::fs::File::create(dir.join("tokens.txt"))?);
-    for i in 0..count {
-        let index = i % all.len();
-        let token = sign_jwt_hs256(
-            key.as_bytes(),
-            &serde_json::json!({
-                "iss": "MessageBird", "nbf": now - 1, "exp": now + lifetime,
-                "jti": uuid::Uuid::new_v4().to_string(),
-                "url_hash": url_hash, "payload_hash": hashes[index],
-            }),
-        );
-        writeln!(out, "{}\t{token}", index + 1)?;
-    }
-    out.flush()?;
-    eprintln!("wrote {count} signed requests over {} bodies", all.len());
     Ok(())
 }
 
