@@ -23,7 +23,7 @@ SHARDS=${ROUTING_SHARDS:-4}
 BATCH=${ROUTING_BATCH_SIZE:-128}
 
 echo "building (release)..." >&2
-cargo build --release -p shopctrl-routing --example bench_inbound >&2
+[[ -n "${BENCH_SKIP_BUILD:-}" ]] || cargo build --release -p shopctrl-routing --example bench_inbound >&2
 BIN=${CARGO_TARGET_DIR:-target}/release/examples/bench_inbound
 
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2

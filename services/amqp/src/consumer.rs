@@ -99,7 +99,12 @@ pub struct ConsumerConfig {
     pub connection_name: String,
     pub queue: String,
     pub consumer_tag: String,
+    /// Deliveries the broker sends ahead; at least `concurrency`.
     pub prefetch: u16,
+    /// Deliveries handled at the same time. 1 keeps the queue's order; more trades order
+    /// for throughput on one connection (instead of one connection, and one I/O thread of
+    /// the AMQP client, per parallel consumer).
+    pub concurrency: u16,
     /// Tries for a [`Handled::Failed`] message before it is dead-lettered.
     pub max_attempts: u32,
     /// Where dead letters go: (exchange, routing key). They carry the reason in the
@@ -124,12 +129,12 @@ pub enum ConsumeError {
 
 type DeclareFuture<'a> = Pin<Box<dyn Future<Output = Result<(), TopologyError>> + Send + 'a>>;
 
-/// Consumes `config.queue` one message at a time (which keeps per-queue order) until
-/// `shutdown` is cancelled, reconnecting with backoff when the broker goes away. `declare`
+/// Consumes `config.queue` (one message at a time, which keeps per-queue order, or
+/// `config.concurrency` at a time) until `shutdown` is cancelled, reconnecting with backoff when the broker goes away. `declare`
 /// runs on every (re)connection before consuming, so the topology is always in place.
 ///
 /// A message is acked only after the handler returned [`Handled::Ack`]; on shutdown the
-/// message in hand is finished first.
+/// messages in hand are finished first.
 pub async fn run_consumer<D, H, Fut>(
     config: ConsumerConfig,
     declare: D,
@@ -177,7 +182,10 @@ where
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     channel
-        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .basic_qos(
+            config.prefetch.max(config.concurrency),
+            BasicQosOptions::default(),
+        )
         .await?;
     let mut consumer = channel
         .basic_consume(
@@ -189,20 +197,30 @@ where
         .await?;
     tracing::info!(queue = %config.queue, "consuming");
 
+    let concurrency = usize::from(config.concurrency.max(1));
+    let mut in_hand = futures::stream::FuturesUnordered::new();
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => None,
-            next = consumer.next() => Some(next),
+            Some(done) = in_hand.next(), if !in_hand.is_empty() => {
+                done?;
+                continue;
+            }
+            next = consumer.next(), if in_hand.len() < concurrency => Some(next),
         };
         let delivery = match next {
             None => {
-                // Stop taking work; unacked prefetched messages go back to the queue.
+                // Stop taking work (unacked prefetched messages go back to the queue), finish
+                // what is in hand, then leave.
                 let _ = channel
                     .basic_cancel(
                         config.consumer_tag.as_str().into(),
                         BasicCancelOptions::default(),
                     )
                     .await;
+                while let Some(done) = in_hand.next().await {
+                    done?;
+                }
                 let _ = channel.close(200, "shutdown".into()).await;
                 let _ = connection.close(200, "shutdown".into()).await;
                 return Ok(());
@@ -212,7 +230,13 @@ where
             }
             Some(Some(delivery)) => delivery?,
         };
-        handle_delivery(config, handler, &dead_letters, &delivery, shutdown).await?;
+        in_hand.push(handle_delivery(
+            config,
+            handler,
+            &dead_letters,
+            delivery,
+            shutdown,
+        ));
     }
 }
 
@@ -220,7 +244,7 @@ async fn handle_delivery<H, Fut>(
     config: &ConsumerConfig,
     handler: &H,
     dead_letters: &Channel,
-    delivery: &Delivery,
+    delivery: Delivery,
     shutdown: &CancellationToken,
 ) -> Result<(), ConsumeError>
 where
@@ -230,7 +254,7 @@ where
     let mut attempt: u32 = 1;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let incoming = Incoming::from_delivery(delivery, attempt);
+        let incoming = Incoming::from_delivery(&delivery, attempt);
         let span = consume_span(
             &config.queue,
             incoming.message_id.as_deref(),
@@ -244,10 +268,10 @@ where
                 return Ok(());
             }
             Handled::Poison(reason) => {
-                return dead_letter(config, dead_letters, delivery, &reason).await;
+                return dead_letter(config, dead_letters, &delivery, &reason).await;
             }
             Handled::Failed(reason) if attempt >= config.max_attempts => {
-                return dead_letter(config, dead_letters, delivery, &reason).await;
+                return dead_letter(config, dead_letters, &delivery, &reason).await;
             }
             Handled::Failed(reason) => {
                 tracing::warn!(queue = %config.queue, attempt, %reason, "message failed; retrying");

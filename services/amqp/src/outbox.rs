@@ -79,6 +79,49 @@ pub async fn enqueue(conn: &mut PgConnection, message: &OutboxMessage) -> Result
     Ok(())
 }
 
+/// Stores several messages in one statement (and one wake-up), in the order given. Unlike
+/// [`enqueue`], each message keeps exactly the headers it carries: callers that gather
+/// messages for later capture the trace context themselves, when the work happens.
+pub async fn enqueue_many(
+    conn: &mut PgConnection,
+    messages: &[OutboxMessage],
+) -> Result<(), OutboxError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut event_ids = Vec::with_capacity(messages.len());
+    let mut exchanges = Vec::with_capacity(messages.len());
+    let mut routing_keys = Vec::with_capacity(messages.len());
+    let mut types = Vec::with_capacity(messages.len());
+    let mut payloads = Vec::with_capacity(messages.len());
+    let mut headers = Vec::with_capacity(messages.len());
+    for message in messages {
+        event_ids.push(message.event_id);
+        exchanges.push(message.exchange.as_str());
+        routing_keys.push(message.routing_key.as_str());
+        types.push(message.message_type.as_str());
+        payloads.push(message.payload.as_slice());
+        headers.push(serde_json::to_value(&message.headers)?);
+    }
+    sqlx::query(
+        "insert into outbox (event_id, exchange, routing_key, message_type, payload, headers)
+         select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::jsonb[])",
+    )
+    .bind(&event_ids)
+    .bind(&exchanges)
+    .bind(&routing_keys)
+    .bind(&types)
+    .bind(&payloads)
+    .bind(&headers)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("select pg_notify($1, '')")
+        .bind(NOTIFY_CHANNEL)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Publishes committed outbox rows, oldest first, and deletes each once confirmed.
 #[derive(Clone)]
 pub struct OutboxRelay {

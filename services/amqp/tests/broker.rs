@@ -242,6 +242,7 @@ fn consumer_config(f: &Fixture) -> ConsumerConfig {
         queue: f.queue.clone(),
         consumer_tag: "test".into(),
         prefetch: 10,
+        concurrency: 1,
         max_attempts: 3,
         dead_letter: (f.names.dead_letter_exchange(), "work".into()),
         max_backoff: Duration::from_millis(100),
@@ -357,6 +358,65 @@ async fn consumer_acks_retries_transient_and_dead_letters_with_reason() {
         ]
     );
     assert_eq!(queue_len(f.amqp.url(), &f.queue).await, 0);
+}
+
+#[tokio::test]
+async fn concurrent_consumer_holds_several_messages_at_once_and_acks_each() {
+    let f = fixture().await;
+    let publisher = Publisher::connect(f.amqp.url(), "test-pub", Duration::from_secs(5))
+        .await
+        .unwrap();
+    for n in 0..6 {
+        let body = n.to_string();
+        publisher
+            .publish(outgoing(&f, "k", &format!("m{n}"), body.as_bytes()))
+            .await
+            .unwrap();
+    }
+    // Each handler waits until three are in hand together: with one at a time this never
+    // happens and nothing is acked.
+    let barrier = Arc::new(tokio::sync::Barrier::new(3));
+    let acked = Arc::new(AtomicU32::new(0));
+    let stop = CancellationToken::new();
+    let mut config = consumer_config(&f);
+    config.prefetch = 1;
+    config.concurrency = 3;
+    let task = {
+        let (barrier, acked) = (barrier.clone(), acked.clone());
+        let exchange = f.exchange.clone();
+        tokio::spawn(run_consumer(
+            config,
+            move |channel| {
+                let exchange = exchange.clone();
+                Box::pin(
+                    async move { declare_exchange(channel, &exchange, ExchangeKind::Direct).await },
+                )
+            },
+            move |_incoming| {
+                let (barrier, acked) = (barrier.clone(), acked.clone());
+                async move {
+                    barrier.wait().await;
+                    acked.fetch_add(1, Ordering::SeqCst);
+                    Handled::Ack
+                }
+            },
+            stop.clone(),
+        ))
+    };
+    for _ in 0..100 {
+        if acked.load(Ordering::SeqCst) == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        acked.load(Ordering::SeqCst),
+        6,
+        "all handled, three at a time"
+    );
+    assert_eq!(queue_len(f.amqp.url(), &f.queue).await, 0, "and each acked");
 }
 
 #[tokio::test]

@@ -259,35 +259,37 @@ impl App {
         let broker_ready = readiness.check("broker");
         let mut tasks = Vec::new();
 
+        // One connection per queue, handling `delivery_concurrency` deliveries at a time: the
+        // AMQP client runs an I/O thread per connection, and a connection per parallel
+        // delivery cost a thread (and its allocator arena) each.
         for kind in Kind::ALL {
-            for index in 0..settings.delivery_concurrency {
-                let config = ConsumerConfig {
-                    url: settings.amqp_url.clone(),
-                    connection_name: format!("flow-callback {} {index}", kind.label()),
-                    queue: topology.work_queue(kind),
-                    consumer_tag: format!("flow-callback-{}-{index}", kind.label()),
-                    prefetch: 1,
-                    // Attempts are counted in the message's headers; the consumer's own retry
-                    // (which would sleep) is never used.
-                    max_attempts: 1,
-                    dead_letter: (
-                        topology.names().dead_letter_exchange(),
-                        kind.dead_letter_kind().to_owned(),
-                    ),
-                    max_backoff: Duration::from_secs(5),
-                };
+            let config = ConsumerConfig {
+                url: settings.amqp_url.clone(),
+                connection_name: format!("flow-callback {}", kind.label()),
+                queue: topology.work_queue(kind),
+                consumer_tag: format!("flow-callback-{}", kind.label()),
+                prefetch: settings.delivery_concurrency,
+                concurrency: settings.delivery_concurrency,
+                // Attempts are counted in the message's headers; the consumer's own retry
+                // (which would sleep) is never used.
+                max_attempts: 1,
+                dead_letter: (
+                    topology.names().dead_letter_exchange(),
+                    kind.dead_letter_kind().to_owned(),
+                ),
+                max_backoff: Duration::from_secs(5),
+            };
+            let worker = worker.clone();
+            let handler = move |incoming| {
                 let worker = worker.clone();
-                let handler = move |incoming| {
-                    let worker = worker.clone();
-                    async move { worker.handle(kind, incoming).await }
-                };
-                tasks.push(tokio::spawn(run_consumer(
-                    config,
-                    work_declarer(topology.clone(), broker_ready.clone()),
-                    handler,
-                    consumers_stop.clone(),
-                )));
-            }
+                async move { worker.handle(kind, incoming).await }
+            };
+            tasks.push(tokio::spawn(run_consumer(
+                config,
+                work_declarer(topology.clone(), broker_ready.clone()),
+                handler,
+                consumers_stop.clone(),
+            )));
         }
 
         let config = ConsumerConfig {
@@ -296,6 +298,7 @@ impl App {
             queue: config_queue.clone(),
             consumer_tag: "flow-callback-config".into(),
             prefetch: 50,
+            concurrency: 1,
             max_attempts: 1,
             dead_letter: (
                 topology.names().dead_letter_exchange(),

@@ -122,7 +122,7 @@ pub struct Settings {
     /// Upper bound for a receiver's `Retry-After`, in seconds.
     #[arg(long, env = "RETRY_AFTER_MAX_SECONDS", default_value_t = 900)]
     pub retry_after_max_seconds: u64,
-    /// Concurrent deliveries per work queue (each is one consumer).
+    /// Deliveries handled at the same time per work queue (one consumer each).
     #[arg(long, env = "DELIVERY_CONCURRENCY", default_value_t = 8)]
     pub delivery_concurrency: u16,
 }

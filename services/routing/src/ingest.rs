@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::{
     access::{AccessError, Directory, ShopSettings},
-    store::{self, Sink, StoreError},
+    store::{self, PendingEvents, Sink, StoreError},
 };
 
 /// One decoded inbound event.
@@ -107,14 +107,20 @@ pub struct Ingestor {
     pub sink: Sink,
 }
 
-/// Per-batch memo of shop settings, so a batch reads each shop once.
-pub type ShopMemo = HashMap<String, ShopSettings>;
+/// What one batch transaction gathers besides its SQL.
+#[derive(Debug, Default)]
+pub struct BatchState {
+    /// Shop settings, so a batch reads each shop once.
+    shops: HashMap<String, ShopSettings>,
+    /// Employee events, numbered just before the batch commits ([`Sink::store_pending`]).
+    pub events: PendingEvents,
+}
 
 impl Ingestor {
     pub async fn apply(
         &self,
         conn: &mut PgConnection,
-        memo: &mut ShopMemo,
+        batch: &mut BatchState,
         inbound: &Inbound,
     ) -> Result<FollowUps, IngestError> {
         let shop_id = inbound.shop_id();
@@ -144,13 +150,18 @@ impl Ingestor {
                     // conversation.* events carry nothing routing keeps.
                     return Ok(FollowUps::default());
                 };
-                let shop = self.shop(memo, shop_id).await?;
-                self.message(conn, &shop, event, message).await
+                let shop = self.shop(&mut batch.shops, shop_id).await?;
+                self.message(conn, &mut batch.events, &shop, event, message)
+                    .await
             }
         }
     }
 
-    async fn shop(&self, memo: &mut ShopMemo, shop_id: &str) -> Result<ShopSettings, IngestError> {
+    async fn shop(
+        &self,
+        memo: &mut HashMap<String, ShopSettings>,
+        shop_id: &str,
+    ) -> Result<ShopSettings, IngestError> {
         if let Some(shop) = memo.get(shop_id) {
             return Ok(shop.clone());
         }
@@ -165,6 +176,7 @@ impl Ingestor {
     async fn message(
         &self,
         conn: &mut PgConnection,
+        events: &mut PendingEvents,
         shop: &ShopSettings,
         event: &InboundWebhookEvent,
         message: &InboundMessage,
@@ -260,17 +272,51 @@ impl Ingestor {
                     state: row.try_get("state")?,
                     assignee: row.try_get("assignee_employee_id")?,
                     fresh: false,
+                    joined_queue: false,
                 })
             })
             .transpose()?
         };
 
         let message_id = Uuid::now_v7();
+        // One round trip for the message and everything it moves: the conversation's activity
+        // (unless closed), bot messages that arrived before the customer's first one (attached
+        // to the conversation this message created) and the 24-hour window clock (customer
+        // messages only).
+        let open_target = conversation.as_ref().filter(|t| t.state != "closed");
+        let window_key = match normalize_msisdn(&contact.msisdn) {
+            Ok(msisdn) => msisdn,
+            Err(_) => format!("contact:{}", contact.messagebird_contact_id.trim()),
+        };
         sqlx::query(
-            "insert into messages (message_id, shop_id, conversation_id, messagebird_conversation_id,
-                messagebird_message_id, direction, channel, platform, type, text, supported,
-                content_json, status, raw_status, created_at)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            "with inserted as (
+                insert into messages (message_id, shop_id, conversation_id,
+                    messagebird_conversation_id, messagebird_message_id, direction, channel,
+                    platform, type, text, supported, content_json, status, raw_status, created_at)
+                values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+             ),
+             activity as (
+                update conversations set last_activity_at = greatest(last_activity_at, $15),
+                       last_message_preview = $16
+                where conversation_id = $3 and $17
+             ),
+             attached as (
+                update messages set conversation_id = $3
+                where shop_id = $2 and messagebird_conversation_id = $4
+                  and conversation_id is null and $18
+             ),
+             window_moved as (
+                insert into last_received (shop_id, channel_id, customer_key, channel,
+                                           received_at, messagebird_message_id)
+                select $2::text, $19::text, $20::text, $7::smallint, $15::timestamptz, $5::text
+                where $21
+                on conflict (shop_id, channel_id, customer_key) do update
+                   set received_at = excluded.received_at,
+                       messagebird_message_id = excluded.messagebird_message_id,
+                       channel = excluded.channel
+                   where last_received.received_at < excluded.received_at
+             )
+             select 1",
         )
         .bind(message_id)
         .bind(&shop.shop_id)
@@ -283,60 +329,40 @@ impl Ingestor {
         .bind(&message.r#type)
         .bind(&message.text)
         .bind(message.supported)
-        .bind(if message.content_json.is_empty() { "{}" } else { &message.content_json })
+        .bind(if message.content_json.is_empty() {
+            "{}"
+        } else {
+            &message.content_json
+        })
         .bind(status as i16)
         .bind(&message.raw_status)
         .bind(created_at)
+        .bind(store::preview(
+            &message.text,
+            &message.r#type,
+            message.supported,
+        ))
+        .bind(open_target.is_some())
+        .bind(received && conversation.as_ref().is_some_and(|t| t.fresh))
+        .bind(&message.channel_id)
+        .bind(window_key)
+        .bind(received && conversation.is_some())
         .execute(&mut *conn)
         .await?;
 
         let Some(target) = conversation else {
             return Ok(follow_ups);
         };
-        if target.state != "closed" {
-            sqlx::query(
-                "update conversations set last_activity_at = greatest(last_activity_at, $2),
-                        last_message_preview = $3
-                 where conversation_id = $1",
-            )
-            .bind(target.conversation_id)
-            .bind(created_at)
-            .bind(store::preview(
-                &message.text,
-                &message.r#type,
-                message.supported,
-            ))
-            .execute(&mut *conn)
-            .await?;
-        }
         if !received {
             return Ok(follow_ups);
         }
-        if target.fresh {
-            // Bot messages that arrived before the customer's first one.
-            sqlx::query(
-                "update messages set conversation_id = $1
-                 where shop_id = $2 and messagebird_conversation_id = $3 and conversation_id is null",
-            )
-            .bind(target.conversation_id)
-            .bind(&shop.shop_id)
-            .bind(mb_conversation_id)
-            .execute(&mut *conn)
-            .await?;
-        }
-        self.move_window(
-            conn,
-            &shop.shop_id,
-            message,
-            &contact,
-            created_at,
-            mb_message_id,
-        )
-        .await?;
-        if target.state == "waiting_for_employee" {
+        // Only a conversation that joined the queue with this message asks for an employee.
+        // One already waiting keeps its place: capacity that appears drains the queue oldest
+        // first, and another message must not let it jump ahead.
+        if target.joined_queue && target.state == "waiting_for_employee" {
             follow_ups.waiting.push(target.conversation_id);
         }
-        self.notify(conn, &shop.shop_id, &target, message_id, message)
+        self.notify(conn, events, &shop.shop_id, &target, message_id, message)
             .await?;
         Ok(follow_ups)
     }
@@ -437,6 +463,7 @@ impl Ingestor {
                 state: row.try_get("state")?,
                 assignee: row.try_get("assignee_employee_id")?,
                 fresh: false,
+                joined_queue: false,
             });
         }
         let (state, reason) = if shop.assign_on_first_message {
@@ -468,6 +495,7 @@ impl Ingestor {
                     state: state.to_owned(),
                     assignee: None,
                     fresh: false,
+                    joined_queue: true,
                 });
             }
         }
@@ -495,49 +523,15 @@ impl Ingestor {
             state: state.to_owned(),
             assignee: None,
             fresh: true,
+            joined_queue: true,
         })
-    }
-
-    /// The customer's last received message per shop, channel and MSISDN (or contact id),
-    /// never moved backwards by an out-of-order delivery.
-    async fn move_window(
-        &self,
-        conn: &mut PgConnection,
-        shop_id: &str,
-        message: &InboundMessage,
-        contact: &InboundContact,
-        created_at: DateTime<Utc>,
-        mb_message_id: &str,
-    ) -> Result<(), IngestError> {
-        let key = match normalize_msisdn(&contact.msisdn) {
-            Ok(msisdn) => msisdn,
-            Err(_) => format!("contact:{}", contact.messagebird_contact_id.trim()),
-        };
-        sqlx::query(
-            "insert into last_received (shop_id, channel_id, customer_key, channel, received_at,
-                                        messagebird_message_id)
-             values ($1, $2, $3, $4, $5, $6)
-             on conflict (shop_id, channel_id, customer_key) do update
-                set received_at = excluded.received_at,
-                    messagebird_message_id = excluded.messagebird_message_id,
-                    channel = excluded.channel
-                where last_received.received_at < excluded.received_at",
-        )
-        .bind(shop_id)
-        .bind(&message.channel_id)
-        .bind(key)
-        .bind(i16::try_from(message.channel).unwrap_or(0))
-        .bind(created_at)
-        .bind(mb_message_id)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
     }
 
     /// New-message and unsupported-type events for whoever should hear them.
     async fn notify(
         &self,
         conn: &mut PgConnection,
+        events: &mut PendingEvents,
         shop_id: &str,
         target: &Target,
         message_id: Uuid,
@@ -565,18 +559,12 @@ impl Ingestor {
             })
         };
         match assignee {
-            Some(employee_id) => {
-                self.sink
-                    .employee_event(conn, &employee_id, shop_id, event)
-                    .await?;
-            }
+            Some(employee_id) => events.push(&employee_id, shop_id, event),
             None => {
                 // The shop: every employee who may chat there gets it in their own numbered
                 // stream (so a reconnect replays it), plus one shop-wide notice.
                 for employee_id in store::chat_members(conn, shop_id).await? {
-                    self.sink
-                        .employee_event(conn, &employee_id, shop_id, event.clone())
-                        .await?;
+                    events.push(&employee_id, shop_id, event.clone());
                 }
                 self.sink.shop_notice(conn, shop_id, event).await?;
             }
@@ -593,4 +581,6 @@ struct Target {
     assignee: Option<String>,
     /// Created by this message.
     fresh: bool,
+    /// Created or reopened by this message.
+    joined_queue: bool,
 }

@@ -89,6 +89,7 @@ fn consumer_config(context: &SideContext, queue: String, kind: &str) -> Consumer
         consumer_tag: format!("routing-{kind}-{}", Uuid::new_v4().simple()),
         queue,
         prefetch: 32,
+        concurrency: 1,
         max_attempts: 5,
         dead_letter: (context.names.dead_letter_exchange(), kind.to_owned()),
         max_backoff: Duration::from_secs(10),

@@ -3,10 +3,12 @@
 //! Every function takes the caller's connection or transaction, so one inbound event or API
 //! call is one transaction together with the outbox rows it produces.
 
+use std::collections::HashMap;
+
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use prost::Message as _;
-use shopctrl_amqp::{Names, OutboxMessage, outbox_enqueue};
+use shopctrl_amqp::{Names, OutboxMessage, outbox_enqueue, outbox_enqueue_many};
 use shopctrl_proto::v1::{
     Channel, Conversation, ConversationState, Customer, Direction, EmployeeEvent, EmployeeRef,
     Message, MessageStatus, Notification, UnassignedReason, employee_event,
@@ -440,6 +442,48 @@ pub async fn list_messages(
 // ---------------------------------------------------------------------------------------------
 // Employee events and outbox
 
+/// Employee events gathered by a batch transaction, numbered and stored by
+/// [`Sink::store_pending`] just before it commits.
+#[derive(Debug, Default)]
+pub struct PendingEvents {
+    events: Vec<PendingEvent>,
+}
+
+#[derive(Debug)]
+struct PendingEvent {
+    employee_id: String,
+    shop_id: String,
+    occurred_at: prost_types::Timestamp,
+    event: employee_event::Event,
+    /// The trace context of the work that caused the event.
+    trace_headers: Vec<(String, String)>,
+}
+
+impl PendingEvents {
+    pub fn push(&mut self, employee_id: &str, shop_id: &str, event: employee_event::Event) {
+        self.events.push(PendingEvent {
+            employee_id: employee_id.to_owned(),
+            shop_id: shop_id.to_owned(),
+            occurred_at: to_timestamp(Utc::now()),
+            event,
+            trace_headers: shopctrl_telemetry::inject_current(),
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Forgets what was gathered after the first `len` events (a rolled-back savepoint).
+    pub fn truncate(&mut self, len: usize) {
+        self.events.truncate(len);
+    }
+}
+
 /// Where events go.
 #[derive(Debug, Clone)]
 pub struct Sink {
@@ -487,6 +531,95 @@ impl Sink {
         Ok(sequence)
     }
 
+    /// Numbers and stores the events a batch gathered, then empties `pending`.
+    ///
+    /// The per-employee counter row stays locked until commit, so this runs last: all the
+    /// batch's counters in one statement, in employee order. Concurrent batches (one per shard)
+    /// then hold those locks for a moment instead of a whole batch, and cannot deadlock.
+    pub async fn store_pending(
+        &self,
+        conn: &mut PgConnection,
+        pending: &mut PendingEvents,
+    ) -> Result<(), StoreError> {
+        let events = std::mem::take(&mut pending.events);
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut counts: std::collections::BTreeMap<&str, i64> = Default::default();
+        for event in &events {
+            *counts.entry(event.employee_id.as_str()).or_default() += 1;
+        }
+        let (employees, amounts): (Vec<&str>, Vec<i64>) =
+            counts.iter().map(|(e, n)| (*e, *n)).unzip();
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "insert into employee_sequences (employee_id, last_sequence)
+             select employee_id, amount from unnest($1::text[], $2::bigint[]) as t(employee_id, amount)
+             order by employee_id
+             on conflict (employee_id) do update
+                set last_sequence = employee_sequences.last_sequence + excluded.last_sequence
+             returning employee_id, last_sequence",
+        )
+        .bind(&employees)
+        .bind(&amounts)
+        .fetch_all(&mut *conn)
+        .await?;
+        // The next number to hand out per employee: the first of the range just reserved.
+        let mut next: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+        for (employee_id, last) in rows {
+            let amount = counts.get(employee_id.as_str()).copied().unwrap_or(0);
+            next.insert(employee_id, last - amount + 1);
+        }
+        let mut sequences = Vec::with_capacity(events.len());
+        let mut employee_ids = Vec::with_capacity(events.len());
+        let mut shop_ids = Vec::with_capacity(events.len());
+        let mut stored = Vec::with_capacity(events.len());
+        let mut outbox = Vec::with_capacity(events.len());
+        for event in events {
+            let sequence = match next.get_mut(&event.employee_id) {
+                Some(n) => {
+                    *n += 1;
+                    *n - 1
+                }
+                None => {
+                    return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                        "no sequence was reserved for employee {}",
+                        event.employee_id
+                    ))));
+                }
+            };
+            let bytes = EmployeeEvent {
+                sequence: u64::try_from(sequence).unwrap_or(0),
+                employee_id: event.employee_id.clone(),
+                occurred_at: Some(event.occurred_at),
+                event: Some(event.event),
+            }
+            .encode_to_vec();
+            outbox.push(self.notification_message(
+                &event.shop_id,
+                &event.employee_id,
+                u64::try_from(sequence).unwrap_or(0),
+                bytes.clone(),
+                event.trace_headers,
+            ));
+            sequences.push(sequence);
+            employee_ids.push(event.employee_id);
+            shop_ids.push(event.shop_id);
+            stored.push(bytes);
+        }
+        sqlx::query(
+            "insert into employee_events (employee_id, sequence, shop_id, event)
+             select * from unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[])",
+        )
+        .bind(&employee_ids)
+        .bind(&sequences)
+        .bind(&shop_ids)
+        .bind(&stored)
+        .execute(&mut *conn)
+        .await?;
+        outbox_enqueue_many(conn, &outbox).await?;
+        Ok(())
+    }
+
     /// A shop-wide notice (routing key `shop.<id>`, sequence 0) for listeners of the shop.
     pub async fn shop_notice(
         &self,
@@ -512,6 +645,22 @@ impl Sink {
         sequence: u64,
         employee_event: Vec<u8>,
     ) -> Result<(), StoreError> {
+        let message =
+            self.notification_message(shop_id, employee_id, sequence, employee_event, Vec::new());
+        outbox_enqueue(conn, &message).await?;
+        Ok(())
+    }
+
+    /// The outbox row announcing one stored employee event (or a shop-wide notice when
+    /// `employee_id` is empty).
+    fn notification_message(
+        &self,
+        shop_id: &str,
+        employee_id: &str,
+        sequence: u64,
+        employee_event: Vec<u8>,
+        headers: Vec<(String, String)>,
+    ) -> OutboxMessage {
         let event_id = Uuid::now_v7();
         let notification = Notification {
             meta: Some(meta(event_id)),
@@ -525,19 +674,14 @@ impl Sink {
         } else {
             format!("employee.{employee_id}")
         };
-        outbox_enqueue(
-            conn,
-            &OutboxMessage {
-                event_id,
-                exchange: self.names.notify_exchange(),
-                routing_key,
-                message_type: proto_type("Notification"),
-                payload: notification.encode_to_vec(),
-                headers: Vec::new(),
-            },
-        )
-        .await?;
-        Ok(())
+        OutboxMessage {
+            event_id,
+            exchange: self.names.notify_exchange(),
+            routing_key,
+            message_type: proto_type("Notification"),
+            payload: notification.encode_to_vec(),
+            headers,
+        }
     }
 
     /// Queues any event for publishing after commit.

@@ -661,10 +661,16 @@ impl SlotService {
     /// Every waiting conversation of the shop carries the same reason: availability is a
     /// property of the shop, not of the conversation.
     async fn set_reason(&self, shop_id: &str, reason: UnassignedReason) -> Result<(), SlotError> {
+        // Rows locked by a shard's batch in flight are skipped rather than waited for: such a
+        // wait stalls this claim behind a whole batch (and can deadlock against it); the next
+        // claim that finds nobody writes the reason again.
         sqlx::query(
             "update conversations set unassigned_reason = $2
-             where shop_id = $1 and state = 'waiting_for_employee'
-               and unassigned_reason is distinct from $2",
+             where conversation_id in (
+                select conversation_id from conversations
+                where shop_id = $1 and state = 'waiting_for_employee'
+                  and unassigned_reason is distinct from $2
+                for update skip locked)",
         )
         .bind(shop_id)
         .bind(reason.as_str())
