@@ -3,34 +3,35 @@
 -- Returns {'rebuild'} | {'existing', employee, epoch} | {'busy', employee, epoch}
 --       | {'no_permission', epoch} | {'full', open, slots, epoch}
 --       | {'claimed', employee, epoch, open_before, slots, over_limit(0|1), previous owner or ''}
-local ep = epoch()
-if not ep then return { 'rebuild' } end
-local now = now_ms()
 local conv, shop, e, force, cust = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[7] or ''
 local ttl = tonumber(ARGV[6])
+local cf = 'c:' .. conv
+local h = call('HMGET', ST, '#epoch', cf)
+local ep = h[1]
+if not ep then return { 'rebuild' } end
+local now = now_ms()
 
-local o = owner(conv, now)
-if o and o.e == e then return { 'existing', e, ep } end
+local oe, oexp = owner(conv, h[2], now)
+if oe == e then return { 'existing', e, ep } end
 -- Another claim is in flight; the caller retries once it settled.
-if o and o.exp ~= 0 then return { 'busy', o.e, ep } end
-if redis.call('SISMEMBER', P .. 'shop:' .. shop .. ':cand', e) == 0 then
-  return { 'no_permission', ep }
-end
-local slots = tonumber(redis.call('HGET', P .. 'shop:' .. shop, 'slots') or '0')
+if oe and oexp ~= 0 then return { 'busy', oe, ep } end
+local slots, cands = get_shop(shop)
+if not find(cands, 'e:' .. e) then return { 'no_permission', ep } end
 local s = get_st(e)
 local l = live(s, e, now)
-local over = '0'
+local over = 0
 if l >= slots then
   if force ~= '1' then
     put_st(e, s)
-    return { 'full', tostring(l), tostring(slots), ep }
+    return { 'full', l, slots, ep }
   end
-  over = '1'
+  over = 1
 end
-local prev = nil
-if o then prev = o.e end
-take_pending(s, conv, shop, e, now, ttl, prev)
+local claim = take_pending(s, conv, shop, e, now, ttl, oe)
 s.idle = stamp()
-put_st(e, s)
-if cust ~= '' then redis.call('HSET', P .. 'shop:' .. shop, 'c:' .. cust, e) end
-return { 'claimed', e, ep, tostring(l), tostring(slots), over, prev or '' }
+if cust ~= '' then
+  call('HSET', ST, 'e:' .. e, pack(s), cf, claim, last_field(shop, cust), e)
+else
+  call('HSET', ST, 'e:' .. e, pack(s), cf, claim)
+end
+return { 'claimed', e, ep, l, slots, over, oe or '' }
