@@ -272,7 +272,6 @@ impl Ingestor {
                     state: row.try_get("state")?,
                     assignee: row.try_get("assignee_employee_id")?,
                     fresh: false,
-                    joined_queue: false,
                 })
             })
             .transpose()?
@@ -356,10 +355,10 @@ impl Ingestor {
         if !received {
             return Ok(follow_ups);
         }
-        // Only a conversation that joined the queue with this message asks for an employee.
-        // One already waiting keeps its place: capacity that appears drains the queue oldest
-        // first, and another message must not let it jump ahead.
-        if target.joined_queue && target.state == "waiting_for_employee" {
+        // Every customer message of a waiting conversation asks again (the claim is idempotent
+        // and answers at once when nobody has room): it heals a claim that a fault cut short,
+        // e.g. a pending claim rolled back after this conversation was refused.
+        if target.state == "waiting_for_employee" {
             follow_ups.waiting.push(target.conversation_id);
         }
         self.notify(conn, events, &shop.shop_id, &target, message_id, message)
@@ -463,7 +462,6 @@ impl Ingestor {
                 state: row.try_get("state")?,
                 assignee: row.try_get("assignee_employee_id")?,
                 fresh: false,
-                joined_queue: false,
             });
         }
         let (state, reason) = if shop.assign_on_first_message {
@@ -495,7 +493,6 @@ impl Ingestor {
                     state: state.to_owned(),
                     assignee: None,
                     fresh: false,
-                    joined_queue: true,
                 });
             }
         }
@@ -523,7 +520,6 @@ impl Ingestor {
             state: state.to_owned(),
             assignee: None,
             fresh: true,
-            joined_queue: true,
         })
     }
 
@@ -581,6 +577,4 @@ struct Target {
     assignee: Option<String>,
     /// Created by this message.
     fresh: bool,
-    /// Created or reopened by this message.
-    joined_queue: bool,
 }
