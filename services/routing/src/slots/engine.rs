@@ -1,151 +1,61 @@
-//! The Redis side of slot claims: one atomic Lua function per operation, all keys under one
+//! The Redis side of slot claims: one atomic Lua script per operation, all keys under one
 //! `{slots}` hash tag. Nothing else writes these keys.
-//!
-//! The scripts are loaded as one Redis function library (`FUNCTION LOAD`, called with `FCALL`)
-//! rather than run with `EVALSHA`: the shared helpers are then created once per load instead
-//! of on every call, and a function call has less setup than a script call. With the same
-//! Lua, that took a claim from about 92 to 68 µs of server CPU here (deploy/BENCHMARKS.md).
-//! Redis keeps the library across restarts only when it persists its data, so a call that
-//! finds it missing loads it and tries again, like the `NOSCRIPT` handling of scripts.
 
-use std::{
-    sync::{Arc, LazyLock},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use redis::{ErrorKind, RedisError, ServerErrorKind, aio::ConnectionManager};
+use redis::{Script, aio::ConnectionManager};
 
 use super::{SlotError, UnassignedReason};
 
 const COMMON: &str = include_str!("lua/common.lua");
 
-/// The operations, each a function of the library (the body of `lua/<name>.lua`). Declared in
-/// the order of `ALL`, so `op as usize` indexes the library's function names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Claim,
-    Assign,
-    Confirm,
-    Release,
-    Config,
-    Inspect,
-    Repair,
-    Rebuild,
+/// The scripts, each prefixed with the shared helpers (the SHA covers the whole text).
+struct Scripts {
+    claim: Script,
+    assign: Script,
+    confirm: Script,
+    release: Script,
+    config: Script,
+    inspect: Script,
+    repair: Script,
+    rebuild: Script,
 }
 
-impl Op {
-    const ALL: [Op; 8] = [
-        Op::Claim,
-        Op::Assign,
-        Op::Confirm,
-        Op::Release,
-        Op::Config,
-        Op::Inspect,
-        Op::Repair,
-        Op::Rebuild,
-    ];
+/// The full source of a slot script as it is sent to Redis (helpers + body); the benchmark
+/// loads the claim script with it.
+pub fn script_source(name: &str) -> Option<String> {
+    let body = match name {
+        "claim" => include_str!("lua/claim.lua"),
+        "assign" => include_str!("lua/assign.lua"),
+        "confirm" => include_str!("lua/confirm.lua"),
+        "release" => include_str!("lua/release.lua"),
+        "config" => include_str!("lua/config.lua"),
+        "inspect" => include_str!("lua/inspect.lua"),
+        "repair" => include_str!("lua/repair.lua"),
+        "rebuild" => include_str!("lua/rebuild.lua"),
+        _ => return None,
+    };
+    Some(format!("{COMMON}\n{body}"))
+}
 
-    fn name(self) -> &'static str {
-        match self {
-            Op::Claim => "claim",
-            Op::Assign => "assign",
-            Op::Confirm => "confirm",
-            Op::Release => "release",
-            Op::Config => "config",
-            Op::Inspect => "inspect",
-            Op::Repair => "repair",
-            Op::Rebuild => "rebuild",
+fn script(name: &str) -> Script {
+    // The names are the fixed list above, so the source is always there.
+    Script::new(&script_source(name).unwrap_or_default())
+}
+
+impl Scripts {
+    fn load() -> Self {
+        Self {
+            claim: script("claim"),
+            assign: script("assign"),
+            confirm: script("confirm"),
+            release: script("release"),
+            config: script("config"),
+            inspect: script("inspect"),
+            repair: script("repair"),
+            rebuild: script("rebuild"),
         }
     }
-
-    fn body(self) -> &'static str {
-        match self {
-            Op::Claim => include_str!("lua/claim.lua"),
-            Op::Assign => include_str!("lua/assign.lua"),
-            Op::Confirm => include_str!("lua/confirm.lua"),
-            Op::Release => include_str!("lua/release.lua"),
-            Op::Config => include_str!("lua/config.lua"),
-            Op::Inspect => include_str!("lua/inspect.lua"),
-            Op::Repair => include_str!("lua/repair.lua"),
-            Op::Rebuild => include_str!("lua/rebuild.lua"),
-        }
-    }
-}
-
-/// The slot function library as it is loaded into Redis.
-#[derive(Debug)]
-pub struct SlotLibrary {
-    name: String,
-    source: String,
-    functions: [String; Op::ALL.len()],
-}
-
-impl SlotLibrary {
-    /// `shopctrl_slots_<hash of the code>`: a new version gets a new name (and new function
-    /// names, which Redis requires to be unique across libraries), so replicas running
-    /// different versions against one Redis never replace each other's library.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The text given to `FUNCTION LOAD`; `deploy/bench-routing-slots.sh` builds the same.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
-    fn function(&self, op: Op) -> &str {
-        &self.functions[op as usize]
-    }
-}
-
-/// The library text for `name`: the helpers, then each script as the body of a function
-/// `<name>_<script>(KEYS, ARGV)` that first hands its key and prefix to the helpers.
-fn library_source(name: &str) -> String {
-    let mut source = format!("#!lua name={name}\n{COMMON}\n");
-    for op in Op::ALL {
-        source.push_str(&format!(
-            "redis.register_function('{name}_{op}', function(KEYS, ARGV)\nbegin(KEYS, ARGV)\n{body}\nend)\n",
-            op = op.name(),
-            body = op.body(),
-        ));
-    }
-    source
-}
-
-static LIBRARY: LazyLock<SlotLibrary> = LazyLock::new(|| {
-    // The redis crate's script hash (SHA-1) serves as a content hash; no extra dependency.
-    let hash = redis::Script::new(&library_source(""))
-        .get_hash()
-        .to_owned();
-    let name = format!("shopctrl_slots_{}", hash.get(..16).unwrap_or(&hash));
-    SlotLibrary {
-        source: library_source(&name),
-        functions: Op::ALL.map(|op| format!("{name}_{}", op.name())),
-        name,
-    }
-});
-
-/// The slot library of this build.
-pub fn library() -> &'static SlotLibrary {
-    &LIBRARY
-}
-
-/// How many times a call loads the library when Redis says it is missing (someone may delete
-/// it again in between; more than that is not a restart but a fault).
-const LOAD_ATTEMPTS: usize = 3;
-
-fn function_missing(error: &RedisError) -> bool {
-    error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
-        && error
-            .detail()
-            .is_some_and(|d| d.starts_with("Function not found"))
-}
-
-fn library_exists(error: &RedisError) -> bool {
-    error.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
-        && error
-            .detail()
-            .is_some_and(|d| d.starts_with("Library") && d.contains("already exists"))
 }
 
 /// An automatic or manual claim that took a slot (still pending until confirmed).
@@ -248,15 +158,14 @@ pub enum RebuildStart {
     Busy,
 }
 
-/// The slot engine: a handle on Redis with the slot functions. Cheap to clone.
+/// The slot engine: a handle on Redis with the scripts. Cheap to clone.
 #[derive(Clone)]
 pub struct SlotEngine {
     conn: ConnectionManager,
     prefix: Arc<str>,
-    /// The state hash (`<prefix>st`), the key every function declares.
-    state_key: Arc<str>,
+    epoch_key: Arc<str>,
     pending_ttl_ms: u64,
-    library: &'static SlotLibrary,
+    scripts: Arc<Scripts>,
 }
 
 impl SlotEngine {
@@ -274,13 +183,13 @@ impl SlotEngine {
 
     pub fn new(conn: ConnectionManager, key_prefix: &str, pending_ttl: Duration) -> Self {
         let prefix = format!("{key_prefix}{{slots}}:");
-        let state_key = format!("{prefix}st");
+        let epoch_key = format!("{prefix}epoch");
         Self {
             conn,
             prefix: prefix.into(),
-            state_key: state_key.into(),
+            epoch_key: epoch_key.into(),
             pending_ttl_ms: pending_ttl.as_millis().max(1) as u64,
-            library: library(),
+            scripts: Arc::new(Scripts::load()),
         }
     }
 
@@ -289,44 +198,15 @@ impl SlotEngine {
         &self.prefix
     }
 
-    async fn run(&self, op: Op, args: &[&str]) -> Result<Vec<String>, SlotError> {
+    async fn run(&self, script: &Script, args: &[&str]) -> Result<Vec<String>, SlotError> {
+        let mut invocation = script.key(&*self.epoch_key);
+        invocation.arg(&*self.prefix);
+        for arg in args {
+            invocation.arg(*arg);
+        }
         let mut conn = self.conn.clone();
-        let mut loads = 0;
-        loop {
-            let reply: Result<Vec<String>, RedisError> = redis::cmd("FCALL")
-                .arg(self.library.function(op))
-                .arg(1)
-                .arg(&*self.state_key)
-                .arg(&*self.prefix)
-                .arg(args)
-                .query_async(&mut conn)
-                .await;
-            match reply {
-                Err(error) if function_missing(&error) && loads < LOAD_ATTEMPTS => {
-                    loads += 1;
-                    self.load_library(&mut conn).await?;
-                }
-                reply => return Ok(reply?),
-            }
-        }
-    }
-
-    /// Loads the library (after a restart without persistence, a `FUNCTION FLUSH`, a new
-    /// server). Another replica loading it at the same time is fine.
-    async fn load_library(&self, conn: &mut ConnectionManager) -> Result<(), SlotError> {
-        tracing::info!(
-            library = self.library.name(),
-            "loading the slot functions into Redis"
-        );
-        let loaded: Result<String, RedisError> = redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg(self.library.source())
-            .query_async(conn)
-            .await;
-        match loaded {
-            Err(error) if !library_exists(&error) => Err(error.into()),
-            _ => Ok(()),
-        }
+        let reply: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        Ok(reply)
     }
 
     /// The automatic claim for a conversation of `shop_id` (see `lua/claim.lua`).
@@ -338,7 +218,10 @@ impl SlotEngine {
     ) -> Result<ClaimOutcome, SlotError> {
         let ttl = self.pending_ttl_ms.to_string();
         let r = self
-            .run(Op::Claim, &[conversation_id, shop_id, customer_id, &ttl])
+            .run(
+                &self.scripts.claim,
+                &[conversation_id, shop_id, customer_id, &ttl],
+            )
             .await?;
         match head(&r)? {
             "rebuild" => Ok(ClaimOutcome::Rebuild),
@@ -375,7 +258,7 @@ impl SlotEngine {
         let force = if force { "1" } else { "0" };
         let r = self
             .run(
-                Op::Assign,
+                &self.scripts.assign,
                 &[
                     conversation_id,
                     shop_id,
@@ -425,7 +308,10 @@ impl SlotEngine {
         shop_id: &str,
     ) -> Result<ConfirmOutcome, SlotError> {
         let r = self
-            .run(Op::Confirm, &[conversation_id, employee_id, shop_id])
+            .run(
+                &self.scripts.confirm,
+                &[conversation_id, employee_id, shop_id],
+            )
             .await?;
         match head(&r)? {
             "rebuild" => Ok(ConfirmOutcome::Rebuild),
@@ -447,7 +333,7 @@ impl SlotEngine {
         };
         let r = self
             .run(
-                Op::Release,
+                &self.scripts.release,
                 &[conversation_id, expected.unwrap_or(""), mode],
             )
             .await?;
@@ -466,7 +352,7 @@ impl SlotEngine {
     }
 
     async fn config(&self, op: &str, a: &str, b: &str) -> Result<bool, SlotError> {
-        let r = self.run(Op::Config, &[op, a, b]).await?;
+        let r = self.run(&self.scripts.config, &[op, a, b]).await?;
         match head(&r)? {
             "ok" => Ok(true),
             "rebuild" => Ok(false),
@@ -499,7 +385,7 @@ impl SlotEngine {
 
     /// What Redis holds for an employee; `None` when Redis needs a rebuild.
     pub async fn inspect(&self, employee_id: &str) -> Result<Option<EmployeeState>, SlotError> {
-        let r = self.run(Op::Inspect, &[employee_id]).await?;
+        let r = self.run(&self.scripts.inspect, &[employee_id]).await?;
         match head(&r)? {
             "rebuild" => Ok(None),
             "ok" => Ok(Some(EmployeeState {
@@ -524,7 +410,7 @@ impl SlotEngine {
             args.push(conversation);
             args.push(shop);
         }
-        let r = self.run(Op::Repair, &args).await?;
+        let r = self.run(&self.scripts.repair, &args).await?;
         match head(&r)? {
             "rebuild" | "skipped" => Ok(None),
             "repaired" => Ok(Some((num(&r, 1)?, num(&r, 2)?))),
@@ -539,7 +425,9 @@ impl SlotEngine {
         lease: Duration,
     ) -> Result<RebuildStart, SlotError> {
         let ms = lease.as_millis().max(1).to_string();
-        let r = self.run(Op::Rebuild, &["begin", token, &ms]).await?;
+        let r = self
+            .run(&self.scripts.rebuild, &["begin", token, &ms])
+            .await?;
         match head(&r)? {
             "done" => Ok(RebuildStart::Done),
             "lease" => Ok(RebuildStart::Lease),
@@ -557,7 +445,7 @@ impl SlotEngine {
     ) -> Result<(), SlotError> {
         let mut all: Vec<&str> = vec![op, token];
         all.extend_from_slice(args);
-        let r = self.run(Op::Rebuild, &all).await?;
+        let r = self.run(&self.scripts.rebuild, &all).await?;
         match head(&r)? {
             "ok" => Ok(()),
             "lost" | "done" => Err(SlotError::LeaseLost),
@@ -621,283 +509,4 @@ fn num<T: std::str::FromStr>(r: &[String], i: usize) -> Result<T, SlotError> {
     field(r, i)?
         .parse()
         .map_err(|_| SlotError::Protocol(format!("not a number at {i} in {r:?}")))
-}
-
-#[cfg(test)]
-mod tests {
-    //! The engine against the local Redis (own key prefix, see `shopctrl_testkit`): the
-    //! library's life cycle and one pass through every function. The rules themselves are
-    //! proven in `tests/slots_proof.rs`.
-    #![allow(clippy::expect_used, clippy::unwrap_used)]
-
-    use shopctrl_testkit::TestRedis;
-
-    use super::*;
-
-    async fn engine(redis: &TestRedis, pending_ttl: Duration) -> SlotEngine {
-        SlotEngine::connect(redis.url(), redis.prefix(), pending_ttl)
-            .await
-            .unwrap()
-    }
-
-    /// Loads the data as a rebuild from a record with one shop would.
-    async fn rebuild(e: &SlotEngine, epoch: i64, shop: &str, slots: u32, candidates: &[&str]) {
-        let lease = e.rebuild_begin("t", Duration::from_secs(10)).await.unwrap();
-        assert_eq!(lease, RebuildStart::Lease);
-        let slots = slots.to_string();
-        let mut args = vec![shop, slots.as_str()];
-        args.extend_from_slice(candidates);
-        e.rebuild_step("t", "shop", &args).await.unwrap();
-        e.rebuild_step("t", "finish", &[&epoch.to_string()])
-            .await
-            .unwrap();
-    }
-
-    async fn delete_library(conn: &mut redis::aio::MultiplexedConnection) {
-        // Another test may have deleted it already: either way it is gone.
-        let _: Result<(), RedisError> = redis::cmd("FUNCTION")
-            .arg("DELETE")
-            .arg(library().name())
-            .query_async(conn)
-            .await;
-    }
-
-    fn claimed(outcome: ClaimOutcome) -> Claimed {
-        match outcome {
-            ClaimOutcome::Claimed(claim) => claim,
-            other => panic!("expected a claim, got {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn slots_library_is_reloaded_after_redis_lost_it() {
-        let redis = TestRedis::create().await;
-        let e = engine(&redis, Duration::from_secs(15)).await;
-        let mut conn = redis.connection().await;
-
-        // A server that never saw the library (or restarted without persistence).
-        delete_library(&mut conn).await;
-        assert_eq!(
-            e.claim("c0", "s1", "").await.unwrap(),
-            ClaimOutcome::Rebuild
-        );
-        rebuild(&e, 7, "s1", 2, &["a", "b"]).await;
-
-        // Lost again between two calls: the next call loads it and goes on.
-        delete_library(&mut conn).await;
-        let claim = claimed(e.claim("c1", "s1", "u1").await.unwrap());
-        assert_eq!((claim.employee_id.as_str(), claim.epoch), ("a", 7));
-        let listed: Vec<redis::Value> = redis::cmd("FUNCTION")
-            .arg("LIST")
-            .arg("LIBRARYNAME")
-            .arg(library().name())
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(!listed.is_empty(), "the library is loaded again");
-
-        // Data and library lost together (a restart without persistence): rebuild.
-        redis.delete_all().await;
-        delete_library(&mut conn).await;
-        assert_eq!(
-            e.claim("c2", "s1", "u1").await.unwrap(),
-            ClaimOutcome::Rebuild
-        );
-        assert_eq!(e.inspect("a").await.unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn slots_every_function_on_the_packed_layout() {
-        let redis = TestRedis::create().await;
-        let e = engine(&redis, Duration::from_secs(15)).await;
-        rebuild(&e, 3, "s1", 2, &["b", "a"]).await;
-
-        // Never assigned, equally loaded: the smaller id.
-        let c1 = claimed(e.claim("c1", "s1", "u1").await.unwrap());
-        assert_eq!(
-            (c1.employee_id.as_str(), c1.open_before, c1.slots),
-            ("a", 0, 2)
-        );
-        assert_eq!(
-            e.claim("c1", "s1", "u1").await.unwrap(),
-            ClaimOutcome::Existing {
-                employee_id: "a".into(),
-                epoch: 3,
-                pending: true
-            }
-        );
-        assert_eq!(
-            e.confirm("c1", "a", "s1").await.unwrap(),
-            ConfirmOutcome::Confirmed
-        );
-        // Least loaded.
-        let c2 = claimed(e.claim("c2", "s1", "u2").await.unwrap());
-        assert_eq!(c2.employee_id, "b");
-        e.confirm("c2", "b", "s1").await.unwrap();
-        // Both hold one and a is idle longer, but u2 goes back to b.
-        let c3 = claimed(e.claim("c3", "s1", "u2").await.unwrap());
-        assert_eq!((c3.employee_id.as_str(), c3.open_before), ("b", 1));
-        e.confirm("c3", "b", "s1").await.unwrap();
-        // b is full (2 of 2): a, even for b's customer.
-        let c4 = claimed(e.claim("c4", "s1", "u2").await.unwrap());
-        assert_eq!(c4.employee_id, "a");
-        assert_eq!(
-            e.claim("c5", "s1", "").await.unwrap(),
-            ClaimOutcome::Unassigned {
-                reason: UnassignedReason::AllFull,
-                epoch: 3
-            }
-        );
-
-        // A failed commit gives the slot back; a close frees one.
-        assert_eq!(
-            e.release("c4", Some("a"), ReleaseMode::Rollback)
-                .await
-                .unwrap(),
-            ReleaseOutcome::Released {
-                employee_id: "a".into(),
-                open_after: 1
-            }
-        );
-        assert_eq!(
-            e.release("c2", None, ReleaseMode::Close).await.unwrap(),
-            ReleaseOutcome::Released {
-                employee_id: "b".into(),
-                open_after: 1
-            }
-        );
-
-        // Manual transfer of c1 from a to b, rolled back: a keeps it.
-        let AssignOutcome::Claimed { previous, .. } =
-            e.assign("c1", "s1", "b", false, "u1").await.unwrap()
-        else {
-            panic!("transfer refused");
-        };
-        assert_eq!(previous.as_deref(), Some("a"));
-        assert_eq!(
-            e.assign("c1", "s1", "a", false, "u1").await.unwrap(),
-            AssignOutcome::Busy {
-                employee_id: "b".into()
-            }
-        );
-        assert_eq!(
-            e.release("c1", Some("b"), ReleaseMode::Rollback)
-                .await
-                .unwrap(),
-            ReleaseOutcome::Restored {
-                previous: "a".into()
-            }
-        );
-
-        // Presence, permission and the limit.
-        assert!(e.set_present("a", false).await.unwrap());
-        assert!(e.set_present("b", false).await.unwrap());
-        assert_eq!(
-            e.claim("c6", "s1", "").await.unwrap(),
-            ClaimOutcome::Unassigned {
-                reason: UnassignedReason::AllAway,
-                epoch: 3
-            }
-        );
-        assert!(e.set_present("a", true).await.unwrap());
-        assert!(e.set_candidate("s1", "a", false).await.unwrap());
-        assert_eq!(
-            e.assign("c6", "s1", "a", false, "").await.unwrap(),
-            AssignOutcome::NoPermission
-        );
-        assert!(e.set_candidate("s1", "b", false).await.unwrap());
-        assert_eq!(
-            e.claim("c6", "s1", "").await.unwrap(),
-            ClaimOutcome::Unassigned {
-                reason: UnassignedReason::NoPermission,
-                epoch: 3
-            }
-        );
-        assert!(e.set_candidate("s1", "a", true).await.unwrap());
-        assert!(e.set_slots("s1", 0).await.unwrap());
-        assert_eq!(
-            e.claim("c6", "s1", "").await.unwrap(),
-            ClaimOutcome::Unassigned {
-                reason: UnassignedReason::SlotsZero,
-                epoch: 3
-            }
-        );
-        assert!(e.set_slots("s1", 5).await.unwrap());
-        assert_eq!(claimed(e.claim("c6", "s1", "").await.unwrap()).slots, 5);
-
-        // The drift check's view and a repair.
-        let state = e.inspect("a").await.unwrap().unwrap();
-        assert_eq!(state.live_pending, 1);
-        let mut open = state.open.clone();
-        open.sort();
-        assert_eq!(open, ["c1"]);
-        assert_eq!(e.repair("a", &state.version, &[]).await.unwrap(), None);
-        e.release("c6", Some("a"), ReleaseMode::Rollback)
-            .await
-            .unwrap();
-        let state = e.inspect("a").await.unwrap().unwrap();
-        let record = [("c7".to_owned(), "s1".to_owned())];
-        assert_eq!(
-            e.repair("a", &state.version, &record).await.unwrap(),
-            Some((1, 1))
-        );
-        assert_eq!(e.inspect("a").await.unwrap().unwrap().open, ["c7"]);
-    }
-
-    #[tokio::test]
-    async fn slots_expired_claims_stop_counting_and_are_deleted() {
-        let redis = TestRedis::create().await;
-        let e = engine(&redis, Duration::from_millis(200)).await;
-        rebuild(&e, 1, "s1", 1, &["a"]).await;
-        let field = |c: &str| format!("c:{c}");
-        let state_key = format!("{}st", e.key_prefix());
-        let mut conn = redis.connection().await;
-
-        claimed(e.claim("c1", "s1", "").await.unwrap());
-        // Full until c1's claim expires.
-        assert!(matches!(
-            e.claim("c2", "s1", "").await.unwrap(),
-            ClaimOutcome::Unassigned {
-                reason: UnassignedReason::AllFull,
-                ..
-            }
-        ));
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        // Expired: a is free again (the limit is 1).
-        assert_eq!(
-            claimed(e.claim("c3", "s1", "").await.unwrap()).employee_id,
-            "a"
-        );
-        // Within the grace a rollback still finds the expired claim, as when it was a key
-        // expiring a second after the claim.
-        assert!(matches!(
-            e.release("c1", Some("a"), ReleaseMode::Rollback)
-                .await
-                .unwrap(),
-            ReleaseOutcome::Released { .. }
-        ));
-        tokio::time::sleep(Duration::from_millis(1300)).await;
-        // Past the grace: gone for everyone, and the drift check's purge deleted it.
-        let before: bool = redis::cmd("HEXISTS")
-            .arg(&state_key)
-            .arg(field("c3"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(before);
-        assert_eq!(e.inspect("a").await.unwrap().unwrap().live_pending, 0);
-        let after: bool = redis::cmd("HEXISTS")
-            .arg(&state_key)
-            .arg(field("c3"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(!after);
-        assert_eq!(
-            e.release("c3", Some("a"), ReleaseMode::Rollback)
-                .await
-                .unwrap(),
-            ReleaseOutcome::Nothing
-        );
-    }
 }

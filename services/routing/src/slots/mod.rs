@@ -6,7 +6,7 @@
 //! the record ([`service`]): a claim is pending in Redis until the assignment committed in
 //! PostgreSQL, then confirmed; a failed commit gives the slot back, and a crash in between
 //! only delays the slot's return until the pending marker expires. When Redis loses its data
-//! (detected by the missing epoch) every script answers "rebuild" until one replica, holding
+//! (detected by the missing epoch key) every script answers "rebuild" until one replica, holding
 //! a lease, rebuilt the keys from PostgreSQL; commits are fenced on the epoch so a claim made
 //! before the loss can never commit behind the rebuild's back.
 //!
@@ -25,7 +25,7 @@ use prometheus_client::{metrics::counter::Counter, registry::Registry};
 pub use assigner::SlotAssigner;
 pub use engine::{
     AssignOutcome, ClaimOutcome, Claimed, ConfirmOutcome, EmployeeState, RebuildStart, ReleaseMode,
-    ReleaseOutcome, SlotEngine, SlotLibrary, library,
+    ReleaseOutcome, SlotEngine, script_source,
 };
 pub use service::{Assignment, ClaimKind, HandoverOutcome, SlotService, SlotSettings};
 

@@ -1,30 +1,30 @@
 -- The assignment of conversation ARGV[2] to employee ARGV[3] (shop ARGV[4]) is committed in
 -- PostgreSQL: make Redis say the same. Idempotent; removes any other claim on it.
 -- Returns {'rebuild'} | {'ok', 'already'|'confirmed'}
+local ep = epoch()
+if not ep then return { 'rebuild' } end
 local conv, e, shop = ARGV[2], ARGV[3], ARGV[4]
-local cf = 'c:' .. conv
--- The employee's state comes along: in the usual case (their own pending claim) it is the
--- only one that changes.
-local h = call('HMGET', ST, '#epoch', cf, 'e:' .. e)
-if not h[1] then return { 'rebuild' } end
-local he, hexp, _, hprev = read_conv(conv, h[2], nil)
-if he == e and hexp == 0 then return { 'ok', 'already' } end
-if he and he ~= e then
-  local o = get_st(he)
-  rem_pending(o, he, conv)
-  rem_open(o, he, conv)
+local ck = P .. 'conv:' .. conv
+local h = redis.call('HMGET', ck, 'e', 'exp', 'prev')
+if h[1] == e and (tonumber(h[2]) or 0) == 0 then return { 'ok', 'already' } end
+if h[1] and h[1] ~= e then
+  local o = get_st(h[1])
+  rem_pending(o, h[1], conv)
+  rem_open(o, h[1], conv)
   o.ver = o.ver + 1
-  put_st(he, o)
+  put_st(h[1], o)
 end
-if hprev and hprev ~= '' and hprev ~= e then
-  local o = get_st(hprev)
-  rem_open(o, hprev, conv)
+if h[3] and h[3] ~= '' and h[3] ~= e then
+  local o = get_st(h[3])
+  rem_open(o, h[3], conv)
   o.ver = o.ver + 1
-  put_st(hprev, o)
+  put_st(h[3], o)
 end
-local s = parse(h[3])
+local s = get_st(e)
 rem_pending(s, e, conv)
 add_open(s, e, conv)
 s.ver = s.ver + 1
-call('HSET', ST, 'e:' .. e, pack(s), cf, pack_conv(0, e, shop, ''))
+put_st(e, s)
+redis.call('DEL', ck)
+redis.call('HSET', ck, 'e', e, 's', shop, 'exp', '0')
 return { 'ok', 'confirmed' }

@@ -7,8 +7,8 @@ local e = ARGV[2]
 local s = get_st(e)
 purge(s, e, now)
 put_st(e, s)
-local out = { 'ok', s.ver, s.p }
-for _, c in ipairs(call('SMEMBERS', ok_key(e))) do
+local out = { 'ok', tostring(s.ver), tostring(s.p) }
+for _, c in ipairs(redis.call('SMEMBERS', ok_key(e))) do
   table.insert(out, c)
 end
 return out

@@ -12,19 +12,17 @@ local op, token = ARGV[2], ARGV[3]
 local lease = P .. 'lease'
 if op == 'begin' then
   if epoch() then return { 'done' } end
-  if call('SET', lease, token, 'NX', 'PX', ARGV[4]) then return { 'lease' } end
+  if redis.call('SET', lease, token, 'NX', 'PX', ARGV[4]) then return { 'lease' } end
   return { 'busy' }
 end
-if call('GET', lease) ~= token then return { 'lost' } end
+if redis.call('GET', lease) ~= token then return { 'lost' } end
 if epoch() then return { 'done' } end
 if op == 'shop' then
   local shop = ARGV[4]
-  local _, c = get_shop(shop)
+  redis.call('HSET', P .. 'shop:' .. shop, 'slots', ARGV[5])
   for i = 6, #ARGV do
-    local e = 'e:' .. ARGV[i]
-    if not find(c, e) then table.insert(c, e) end
+    redis.call('SADD', P .. 'shop:' .. shop .. ':cand', ARGV[i])
   end
-  put_shop(shop, tonumber(ARGV[5]), c)
 elseif op == 'away' then
   for i = 4, #ARGV do
     local s = get_st(ARGV[i])
@@ -36,13 +34,13 @@ elseif op == 'open' then
   local s = get_st(e)
   for i = 5, #ARGV, 2 do
     add_open(s, e, ARGV[i])
-    set_committed(ARGV[i], e, ARGV[i + 1])
+    redis.call('HSET', P .. 'conv:' .. ARGV[i], 'e', e, 's', ARGV[i + 1], 'exp', '0')
   end
   s.ver = s.ver + 1
   put_st(e, s)
 elseif op == 'last' then
   local shop = ARGV[4]
-  for i = 5, #ARGV, 2 do call('HSET', ST, last_field(shop, ARGV[i]), ARGV[i + 1]) end
+  for i = 5, #ARGV, 2 do redis.call('HSET', P .. 'shop:' .. shop, 'c:' .. ARGV[i], ARGV[i + 1]) end
 elseif op == 'idle' then
   for i = 4, #ARGV, 2 do
     local s = get_st(ARGV[i])
@@ -50,8 +48,8 @@ elseif op == 'idle' then
     put_st(ARGV[i], s)
   end
 elseif op == 'finish' then
-  call('HSET', ST, '#epoch', ARGV[4])
-  call('DEL', lease)
+  redis.call('SET', KEYS[1], ARGV[4])
+  redis.call('DEL', lease)
 else
   return redis.error_reply('unknown op ' .. tostring(op))
 end

@@ -5,22 +5,26 @@
 --   'rollback' a claim whose PostgreSQL commit failed: only a pending claim is undone, and a
 --              transfer falls back to the previous owner
 -- Returns {'rebuild'} | {'none'} | {'released', employee, open_after} | {'restored', previous}
-local conv, expected, mode = ARGV[2], ARGV[3], ARGV[4]
-local h = call('HMGET', ST, '#epoch', 'c:' .. conv)
-if not h[1] then return { 'rebuild' } end
+local ep = epoch()
+if not ep then return { 'rebuild' } end
 local now = now_ms()
-local he, exp, hs, prev = read_conv(conv, h[2], now)
-if not he then return { 'none' } end
-if expected ~= '' and he ~= expected then return { 'none' } end
+local conv, expected, mode = ARGV[2], ARGV[3], ARGV[4]
+local ck = P .. 'conv:' .. conv
+local h = redis.call('HMGET', ck, 'e', 'exp', 's', 'prev')
+if not h[1] then return { 'none' } end
+if expected ~= '' and h[1] ~= expected then return { 'none' } end
+local exp = tonumber(h[2]) or 0
 if mode == 'rollback' and exp == 0 then return { 'none' } end
-local s = get_st(he)
-rem_pending(s, he, conv)
-rem_open(s, he, conv)
+local s = get_st(h[1])
+rem_pending(s, h[1], conv)
+rem_open(s, h[1], conv)
 s.ver = s.ver + 1
-if prev ~= '' then
+redis.call('DEL', ck)
+local prev = h[4]
+if prev and prev ~= '' then
   if mode == 'rollback' then
-    put_st(he, s)
-    set_committed(conv, prev, hs)
+    put_st(h[1], s)
+    redis.call('HSET', ck, 'e', prev, 's', h[3] or '', 'exp', '0')
     return { 'restored', prev }
   end
   local o = get_st(prev)
@@ -28,8 +32,7 @@ if prev ~= '' then
   o.ver = o.ver + 1
   put_st(prev, o)
 end
-call('HDEL', ST, 'c:' .. conv)
 if mode == 'close' then s.idle = stamp() end
-local l = live(s, he, now)
-put_st(he, s)
-return { 'released', he, l }
+local l = live(s, h[1], now)
+put_st(h[1], s)
+return { 'released', h[1], tostring(l) }

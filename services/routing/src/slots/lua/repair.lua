@@ -6,9 +6,9 @@
 local ep = epoch()
 if not ep then return { 'rebuild' } end
 local now = now_ms()
-local e, ver = ARGV[2], tonumber(ARGV[3])
+local e, ver = ARGV[2], ARGV[3]
 local s = get_st(e)
-if s.ver ~= ver then return { 'skipped' } end
+if tostring(s.ver) ~= ver then return { 'skipped' } end
 purge(s, e, now)
 if s.p > 0 then
   put_st(e, s)
@@ -18,24 +18,23 @@ local ok = ok_key(e)
 local want = {}
 for i = 4, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
 local removed, added = 0, 0
-for _, c in ipairs(call('SMEMBERS', ok)) do
+for _, c in ipairs(redis.call('SMEMBERS', ok)) do
   if not want[c] then
-    call('SREM', ok, c)
-    local raw = call('HGET', ST, 'c:' .. c)
-    if raw then
-      local _, o = sunpack(CONV, raw)
-      if o == e then call('HDEL', ST, 'c:' .. c) end
-    end
+    redis.call('SREM', ok, c)
+    local ck = P .. 'conv:' .. c
+    if redis.call('HGET', ck, 'e') == e then redis.call('DEL', ck) end
     removed = removed + 1
   end
 end
 for c, shop in pairs(want) do
-  if call('SADD', ok, c) == 1 then
-    set_committed(c, e, shop)
+  if redis.call('SADD', ok, c) == 1 then
+    local ck = P .. 'conv:' .. c
+    redis.call('DEL', ck)
+    redis.call('HSET', ck, 'e', e, 's', shop, 'exp', '0')
     added = added + 1
   end
 end
-s.n = call('SCARD', ok)
+s.n = redis.call('SCARD', ok)
 if added + removed > 0 then s.ver = s.ver + 1 end
 put_st(e, s)
-return { 'repaired', added, removed }
+return { 'repaired', tostring(added), tostring(removed) }
