@@ -203,25 +203,71 @@ impl Ingestor {
             .unwrap_or_else(Utc::now);
         let mut follow_ups = FollowUps::default();
 
-        // A message we already have (redelivery, MessageBird retry, or message.updated): only
-        // the status may move, and only forward.
-        let existing = sqlx::query(
-            "select m.message_id, m.status, m.conversation_id, c.state
-             from messages m left join conversations c on c.conversation_id = m.conversation_id
-             where m.shop_id = $1 and m.messagebird_message_id = $2
-             for update of m",
+        let received = direction == Direction::Received;
+        let contact = event.contact.clone().unwrap_or_default();
+        // The customer's key, checked before anything is read; an invalid MSISDN fails only a
+        // message we do not have yet (a duplicate of a stored one still moves its status).
+        let customer_key = if received {
+            Some(customer_key(&contact))
+        } else {
+            None
+        };
+        let (msisdn, contact_id) = match &customer_key {
+            Some(Ok(CustomerKey::Msisdn(msisdn))) => (Some(msisdn.as_str()), None),
+            Some(Ok(CustomerKey::Contact(contact_id))) => (None, Some(contact_id.as_str())),
+            _ => (None, None),
+        };
+        // One round trip for everything the message is matched against: the stored copy of
+        // this message, the customer and, for a customer's message, the open conversation
+        // (locked), for anyone else's the open or else latest one.
+        let lookup = sqlx::query(
+            "select e.message_id as e_message_id, e.status as e_status,
+                    e.conversation_id as e_conversation_id, e.state as e_state,
+                    coalesce(cm.customer_id, cc.customer_id) as customer_id,
+                    coalesce(o.conversation_id, l.conversation_id) as t_conversation_id,
+                    coalesce(o.state, l.state) as t_state,
+                    coalesce(o.assignee_employee_id, l.assignee_employee_id) as t_assignee
+             from (select 1) one
+             left join lateral (
+                select m.message_id, m.status, m.conversation_id, c.state
+                from messages m left join conversations c on c.conversation_id = m.conversation_id
+                where m.shop_id = $1 and m.messagebird_message_id = $2
+                for update of m) e on true
+             left join lateral (
+                select customer_id from customers
+                where shop_id = $1 and msisdn = $4 and $4::text is not null) cm on true
+             left join lateral (
+                select customer_id from customers
+                where shop_id = $1 and messagebird_contact_id = $5 and msisdn is null
+                  and $5::text is not null) cc on true
+             left join lateral (
+                select conversation_id, state, assignee_employee_id from conversations
+                where shop_id = $1 and messagebird_conversation_id = $3 and state <> 'closed'
+                  and $6
+                for update) o on true
+             left join lateral (
+                select conversation_id, state, assignee_employee_id from conversations
+                where shop_id = $1 and messagebird_conversation_id = $3 and not $6
+                order by (state <> 'closed') desc, created_at desc limit 1) l on true",
         )
         .bind(&shop.shop_id)
         .bind(mb_message_id)
-        .fetch_optional(&mut *conn)
+        .bind(mb_conversation_id)
+        .bind(msisdn)
+        .bind(contact_id)
+        .bind(received)
+        .fetch_one(&mut *conn)
         .await?;
-        if let Some(row) = existing {
-            let current = store::status_of(i32::from(row.try_get::<i16, _>("status")?));
+
+        // A message we already have (redelivery, MessageBird retry, or message.updated): only
+        // the status may move, and only forward.
+        if let Some(existing_id) = lookup.try_get::<Option<Uuid>, _>("e_message_id")? {
+            let current = store::status_of(i32::from(lookup.try_get::<i16, _>("e_status")?));
             if status_update_allowed(current, status) {
                 sqlx::query(
                     "update messages set status = $2, raw_status = $3 where message_id = $1",
                 )
-                .bind(row.try_get::<Uuid, _>("message_id")?)
+                .bind(existing_id)
                 .bind(status as i16)
                 .bind(&message.raw_status)
                 .execute(&mut *conn)
@@ -229,52 +275,52 @@ impl Ingestor {
             }
             // Repairs a crash between commit and the assigner call: the redelivery asks again
             // (the assigner is idempotent).
-            let state: Option<String> = row.try_get("state")?;
-            if direction == Direction::Received
+            let state: Option<String> = lookup.try_get("e_state")?;
+            if received
                 && state.as_deref() == Some("waiting_for_employee")
-                && let Some(id) = row.try_get::<Option<Uuid>, _>("conversation_id")?
+                && let Some(id) = lookup.try_get::<Option<Uuid>, _>("e_conversation_id")?
             {
                 follow_ups.waiting.push(id);
             }
             return Ok(follow_ups);
         }
 
-        let received = direction == Direction::Received;
-        let contact = event.contact.clone().unwrap_or_default();
-        let conversation = if received {
-            let customer_id = self.customer(conn, &shop.shop_id, &contact).await?;
-            Some(
-                self.conversation_for_customer_message(
-                    conn,
-                    shop,
-                    mb_conversation_id,
-                    customer_id,
-                    message,
-                    created_at,
-                )
-                .await?,
-            )
-        } else {
-            // Bot and agent messages are history: the open conversation, else the latest one,
-            // else none yet (attached when the customer's first message creates it).
-            sqlx::query(
-                "select conversation_id, state, assignee_employee_id from conversations
-                 where shop_id = $1 and messagebird_conversation_id = $2
-                 order by (state <> 'closed') desc, created_at desc limit 1",
-            )
-            .bind(&shop.shop_id)
-            .bind(mb_conversation_id)
-            .fetch_optional(&mut *conn)
-            .await?
-            .map(|row| -> Result<Target, sqlx::Error> {
+        let found = lookup
+            .try_get::<Option<Uuid>, _>("t_conversation_id")?
+            .map(|conversation_id| -> Result<Target, sqlx::Error> {
                 Ok(Target {
-                    conversation_id: row.try_get("conversation_id")?,
-                    state: row.try_get("state")?,
-                    assignee: row.try_get("assignee_employee_id")?,
+                    conversation_id,
+                    state: lookup.try_get("t_state")?,
+                    assignee: lookup.try_get("t_assignee")?,
                     fresh: false,
                 })
             })
-            .transpose()?
+            .transpose()?;
+        let conversation = match customer_key {
+            Some(key) => {
+                let key = key.map_err(|e| IngestError::Failed(e.to_string()))?;
+                let customer_id = match lookup.try_get::<Option<Uuid>, _>("customer_id")? {
+                    Some(id) => id,
+                    None => self.new_customer(conn, &shop.shop_id, &key, &contact).await?,
+                };
+                Some(match found {
+                    Some(open) => open,
+                    None => {
+                        self.start_conversation(
+                            conn,
+                            shop,
+                            mb_conversation_id,
+                            customer_id,
+                            message,
+                            created_at,
+                        )
+                        .await?
+                    }
+                })
+            }
+            // Bot and agent messages are history: the open conversation, else the latest one,
+            // else none yet (attached when the customer's first message creates it).
+            None => found,
         };
 
         let message_id = Uuid::now_v7();
@@ -366,51 +412,29 @@ impl Ingestor {
         Ok(follow_ups)
     }
 
-    /// The customer by normalized MSISDN per shop, else by MessageBird contact id.
-    async fn customer(
+    /// Creates the customer the lookup did not find (or takes the one a concurrent insert
+    /// just made).
+    async fn new_customer(
         &self,
         conn: &mut PgConnection,
         shop_id: &str,
+        key: &CustomerKey,
         contact: &InboundContact,
     ) -> Result<Uuid, IngestError> {
-        let msisdn = if contact.msisdn.trim().is_empty() {
-            None
-        } else {
-            Some(normalize_msisdn(&contact.msisdn).map_err(|e| {
-                IngestError::Failed(format!("contact msisdn {:?}: {e}", contact.msisdn))
-            })?)
-        };
-        let contact_id = Some(contact.messagebird_contact_id.trim())
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned);
-        let (lookup, key) = match (&msisdn, &contact_id) {
-            (Some(msisdn), _) => (
+        let (msisdn, contact_id, lookup, conflict) = match key {
+            CustomerKey::Msisdn(msisdn) => (
+                Some(msisdn.as_str()),
+                Some(contact.messagebird_contact_id.trim()).filter(|c| !c.is_empty()),
                 "select customer_id from customers where shop_id = $1 and msisdn = $2",
-                msisdn.clone(),
+                "(shop_id, msisdn) where msisdn is not null",
             ),
-            (None, Some(contact_id)) => (
+            CustomerKey::Contact(contact_id) => (
+                None,
+                Some(contact_id.as_str()),
                 "select customer_id from customers
                  where shop_id = $1 and messagebird_contact_id = $2 and msisdn is null",
-                contact_id.clone(),
+                "(shop_id, messagebird_contact_id) where msisdn is null",
             ),
-            (None, None) => {
-                return Err(IngestError::Failed(
-                    "customer message without MSISDN or contact id".into(),
-                ));
-            }
-        };
-        if let Some(id) = sqlx::query_scalar::<_, Uuid>(lookup)
-            .bind(shop_id)
-            .bind(&key)
-            .fetch_optional(&mut *conn)
-            .await?
-        {
-            return Ok(id);
-        }
-        let conflict = if msisdn.is_some() {
-            "(shop_id, msisdn) where msisdn is not null"
-        } else {
-            "(shop_id, messagebird_contact_id) where msisdn is null"
         };
         let insert = format!(
             "insert into customers (customer_id, shop_id, msisdn, messagebird_contact_id, display_name)
@@ -419,8 +443,8 @@ impl Ingestor {
         if let Some(id) = sqlx::query_scalar::<_, Uuid>(sqlx::AssertSqlSafe(insert))
             .bind(Uuid::now_v7())
             .bind(shop_id)
-            .bind(&msisdn)
-            .bind(&contact_id)
+            .bind(msisdn)
+            .bind(contact_id)
             .bind(contact.display_name.trim())
             .fetch_optional(&mut *conn)
             .await?
@@ -430,15 +454,15 @@ impl Ingestor {
         // Inserted by someone else between the lookup and the insert.
         sqlx::query_scalar::<_, Uuid>(lookup)
             .bind(shop_id)
-            .bind(&key)
+            .bind(key.as_str())
             .fetch_one(&mut *conn)
             .await
             .map_err(Into::into)
     }
 
-    /// The open conversation; else reopen the latest closed one or start a new one, per the
+    /// No conversation is open: reopen the latest closed one or start a new one, per the
     /// shop's closed-conversation setting.
-    async fn conversation_for_customer_message(
+    async fn start_conversation(
         &self,
         conn: &mut PgConnection,
         shop: &ShopSettings,
@@ -447,23 +471,6 @@ impl Ingestor {
         message: &InboundMessage,
         created_at: DateTime<Utc>,
     ) -> Result<Target, IngestError> {
-        let open = sqlx::query(
-            "select conversation_id, state, assignee_employee_id from conversations
-             where shop_id = $1 and messagebird_conversation_id = $2 and state <> 'closed'
-             for update",
-        )
-        .bind(&shop.shop_id)
-        .bind(mb_conversation_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = open {
-            return Ok(Target {
-                conversation_id: row.try_get("conversation_id")?,
-                state: row.try_get("state")?,
-                assignee: row.try_get("assignee_employee_id")?,
-                fresh: false,
-            });
-        }
         let (state, reason) = if shop.assign_on_first_message {
             ("waiting_for_employee", None)
         } else {
@@ -567,6 +574,35 @@ impl Ingestor {
         }
         Ok(())
     }
+}
+
+/// How a customer is recognised: normalized MSISDN per shop, else MessageBird contact id.
+#[derive(Debug, Clone)]
+enum CustomerKey {
+    Msisdn(String),
+    Contact(String),
+}
+
+impl CustomerKey {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Msisdn(key) | Self::Contact(key) => key,
+        }
+    }
+}
+
+/// The customer key of a customer's message, or why it has none.
+fn customer_key(contact: &InboundContact) -> Result<CustomerKey, String> {
+    if !contact.msisdn.trim().is_empty() {
+        return normalize_msisdn(&contact.msisdn)
+            .map(CustomerKey::Msisdn)
+            .map_err(|e| format!("contact msisdn {:?}: {e}", contact.msisdn));
+    }
+    let contact_id = contact.messagebird_contact_id.trim();
+    if contact_id.is_empty() {
+        return Err("customer message without MSISDN or contact id".into());
+    }
+    Ok(CustomerKey::Contact(contact_id.to_owned()))
 }
 
 /// The conversation a message lands in.

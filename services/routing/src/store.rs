@@ -141,9 +141,25 @@ pub fn page_size(requested: u32) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Conversations as the API shows them
 
-const CONVERSATION_COLUMNS: &str = "
+/// The reason a conversation `c` is unassigned: for one waiting for an employee, its shop's
+/// current reason (`shop_waiting_reasons`, written after each refused claim); otherwise, or
+/// before the shop has a row, the conversation's own column.
+macro_rules! unassigned_reason_sql {
+    () => {
+        "case when c.state = 'waiting_for_employee' then
+            coalesce((select r.reason from shop_waiting_reasons r where r.shop_id = c.shop_id),
+                     c.unassigned_reason)
+        else c.unassigned_reason end"
+    };
+}
+pub const UNASSIGNED_REASON_SQL: &str = unassigned_reason_sql!();
+
+const CONVERSATION_COLUMNS: &str = concat!(
+    "
     c.conversation_id, c.shop_id, c.messagebird_conversation_id, c.channel, c.channel_id,
-    c.state, c.assignee_employee_id, c.unassigned_reason, c.waiting_since, c.created_at,
+    c.state, c.assignee_employee_id, ",
+    unassigned_reason_sql!(),
+    " as unassigned_reason, c.waiting_since, c.created_at,
     c.last_activity_at, c.closed_at, c.last_message_preview,
     cu.customer_id, cu.msisdn, cu.messagebird_contact_id, cu.display_name as customer_name,
     am.display_name as assignee_name,
@@ -155,7 +171,8 @@ const CONVERSATION_COLUMNS: &str = "
     coalesce((select array_agg(l.target_id order by l.target_id) from conversation_links l
               where l.conversation_id = c.conversation_id and l.kind = 'order'), '{}') as order_ids,
     coalesce((select array_agg(l.target_id order by l.target_id) from conversation_links l
-              where l.conversation_id = c.conversation_id and l.kind = 'ticket'), '{}') as ticket_ids";
+              where l.conversation_id = c.conversation_id and l.kind = 'ticket'), '{}') as ticket_ids"
+);
 
 const CONVERSATION_FROM: &str = "
     from conversations c

@@ -17,6 +17,7 @@ use shopctrl_routing::slots::{
     Assignment, ClaimKind, HandoverOutcome, SlotEngine, SlotError, SlotMetrics, SlotService,
     SlotSettings, UnassignedReason,
 };
+use shopctrl_routing::store::UNASSIGNED_REASON_SQL;
 use shopctrl_testkit::{TestDatabase, TestRedis};
 use sqlx::{
     PgPool,
@@ -178,10 +179,10 @@ type Row = (String, Option<String>, Option<String>, bool);
 type RecordRow = (Uuid, String, Option<String>, Option<String>, bool);
 
 async fn record(pool: &PgPool, id: Uuid) -> Row {
-    sqlx::query_as(
-        "select state, assignee_employee_id, unassigned_reason, via_handover
-         from conversations where conversation_id = $1",
-    )
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select state, assignee_employee_id, {UNASSIGNED_REASON_SQL}, via_handover
+             from conversations c where conversation_id = $1"
+    )))
     .bind(id)
     .fetch_one(pool)
     .await
@@ -190,10 +191,11 @@ async fn record(pool: &PgPool, id: Uuid) -> Row {
 
 /// Every conversation's state, assignee, reason and handover flag.
 async fn records(pool: &PgPool) -> HashMap<Uuid, Row> {
-    let rows: Vec<RecordRow> = sqlx::query_as(
-        "select conversation_id, state, assignee_employee_id, unassigned_reason, via_handover
-         from conversations",
-    )
+    let rows: Vec<RecordRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select conversation_id, state, assignee_employee_id, {UNASSIGNED_REASON_SQL},
+                    via_handover
+             from conversations c"
+    )))
     .fetch_all(pool)
     .await
     .unwrap();
@@ -1204,10 +1206,10 @@ async fn slots_concurrent_consumers_with_redis_loss() {
         );
     }
     // The waiting ones of the slots-0 shop carry that reason.
-    let reasons: Vec<Option<String>> = sqlx::query_scalar(
-        "select distinct unassigned_reason from conversations
-         where state = 'waiting_for_employee' and shop_id = $1",
-    )
+    let reasons: Vec<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "select distinct {UNASSIGNED_REASON_SQL} from conversations c
+             where state = 'waiting_for_employee' and shop_id = $1"
+    )))
     .bind(shop(4))
     .fetch_all(&h.pool)
     .await

@@ -9,6 +9,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::store::UNASSIGNED_REASON_SQL;
 use shopctrl_amqp::{OutboxMessage, outbox_enqueue};
 use shopctrl_proto::v1 as pb;
 
@@ -137,20 +138,22 @@ impl SlotService {
     }
 
     async fn load(&self, id: Uuid) -> Result<Conv, SlotError> {
-        let row = sqlx::query(
+        let sql = format!(
             "select c.shop_id, c.customer_id::text as customer_id, c.state,
-                    c.assignee_employee_id, c.via_handover, c.unassigned_reason,
+                    c.assignee_employee_id, c.via_handover,
+                    {UNASSIGNED_REASON_SQL} as unassigned_reason,
                     c.messagebird_conversation_id,
                     coalesce(cu.msisdn, '') as msisdn,
                     coalesce(cu.messagebird_contact_id, '') as contact_id,
                     coalesce(cu.display_name, '') as contact_name
              from conversations c left join customers cu on cu.customer_id = c.customer_id
-             where c.conversation_id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(SlotError::NotFound(id))?;
+             where c.conversation_id = $1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(SlotError::NotFound(id))?;
         Ok(Conv {
             id,
             shop_id: row.try_get("shop_id")?,
@@ -659,18 +662,21 @@ impl SlotService {
     }
 
     /// Every waiting conversation of the shop carries the same reason: availability is a
-    /// property of the shop, not of the conversation.
+    /// property of the shop, not of the conversation. So the reason is one row per shop
+    /// (read through [`UNASSIGNED_REASON_SQL`]), written only when it changes, instead of a
+    /// rewrite of the whole queue after every refused claim.
     async fn set_reason(&self, shop_id: &str, reason: UnassignedReason) -> Result<(), SlotError> {
-        // Rows locked by a shard's batch in flight are skipped rather than waited for: such a
-        // wait stalls this claim behind a whole batch (and can deadlock against it); the next
-        // claim that finds nobody writes the reason again.
+        // Writes only when the reason changed: an upsert whose update is skipped still locks
+        // the row, which costs a transaction id and a WAL flush on every refused claim.
         sqlx::query(
-            "update conversations set unassigned_reason = $2
-             where conversation_id in (
-                select conversation_id from conversations
-                where shop_id = $1 and state = 'waiting_for_employee'
-                  and unassigned_reason is distinct from $2
-                for update skip locked)",
+            "with changed as (
+                update shop_waiting_reasons set reason = $2, updated_at = now()
+                where shop_id = $1 and reason <> $2
+             )
+             insert into shop_waiting_reasons (shop_id, reason)
+             select $1, $2
+             where not exists (select 1 from shop_waiting_reasons where shop_id = $1)
+             on conflict (shop_id) do nothing",
         )
         .bind(shop_id)
         .bind(reason.as_str())
