@@ -57,26 +57,9 @@ pub struct OutboxMessage {
 /// Stores `message` in the outbox inside the caller's transaction. Nothing is published
 /// until that transaction commits.
 pub async fn enqueue(conn: &mut PgConnection, message: &OutboxMessage) -> Result<(), OutboxError> {
-    let mut headers = message.headers.clone();
-    headers.extend(shopctrl_telemetry::inject_current());
-    sqlx::query(
-        "insert into outbox (event_id, exchange, routing_key, message_type, payload, headers)
-         values ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(message.event_id)
-    .bind(&message.exchange)
-    .bind(&message.routing_key)
-    .bind(&message.message_type)
-    .bind(&message.payload)
-    .bind(serde_json::to_value(&headers)?)
-    .execute(&mut *conn)
-    .await?;
-    // Delivered on commit only, so the relay never wakes for a rolled-back event.
-    sqlx::query("select pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+    let mut message = message.clone();
+    message.headers.extend(shopctrl_telemetry::inject_current());
+    enqueue_many(conn, std::slice::from_ref(&message)).await
 }
 
 /// Stores several messages in one statement (and one wake-up), in the order given. Unlike
@@ -103,9 +86,16 @@ pub async fn enqueue_many(
         payloads.push(message.payload.as_slice());
         headers.push(serde_json::to_value(&message.headers)?);
     }
+    // The wake-up is delivered on commit only, so the relay never wakes for a rolled-back
+    // event; it rides in the same statement because callers often hold row locks until
+    // commit, and every round trip lengthens that.
     sqlx::query(
-        "insert into outbox (event_id, exchange, routing_key, message_type, payload, headers)
-         select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::jsonb[])",
+        "with stored as (
+            insert into outbox (event_id, exchange, routing_key, message_type, payload, headers)
+            select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[],
+                                 $6::jsonb[])
+         )
+         select pg_notify($7, '')",
     )
     .bind(&event_ids)
     .bind(&exchanges)
@@ -113,12 +103,9 @@ pub async fn enqueue_many(
     .bind(&types)
     .bind(&payloads)
     .bind(&headers)
+    .bind(NOTIFY_CHANNEL)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("select pg_notify($1, '')")
-        .bind(NOTIFY_CHANNEL)
-        .execute(&mut *conn)
-        .await?;
     Ok(())
 }
 
