@@ -7,12 +7,12 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use prost::Message as _;
 use shopctrl_domain::{message_status_from_messagebird, normalize_msisdn, status_update_allowed};
 use shopctrl_proto::v1::{
-    Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent, MessageStatus,
-    NewMessageEvent, UnsupportedMessageEvent, employee_event,
+    Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent, Message,
+    MessageStatus, NewMessageEvent, UnsupportedMessageEvent, employee_event,
 };
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -301,7 +301,10 @@ impl Ingestor {
                 let key = key.map_err(|e| IngestError::Failed(e.to_string()))?;
                 let customer_id = match lookup.try_get::<Option<Uuid>, _>("customer_id")? {
                     Some(id) => id,
-                    None => self.new_customer(conn, &shop.shop_id, &key, &contact).await?,
+                    None => {
+                        self.new_customer(conn, &shop.shop_id, &key, &contact)
+                            .await?
+                    }
                 };
                 Some(match found {
                     Some(open) => open,
@@ -407,7 +410,30 @@ impl Ingestor {
         if target.state == "waiting_for_employee" {
             follow_ups.waiting.push(target.conversation_id);
         }
-        self.notify(conn, events, &shop.shop_id, &target, message_id, message)
+        // The message as stored, built here rather than read back (one round trip less inside
+        // the batch); the column values are exactly the ones bound above.
+        let stored = Message {
+            message_id: message_id.to_string(),
+            conversation_id: target.conversation_id.to_string(),
+            messagebird_message_id: mb_message_id.to_owned(),
+            direction: i32::from(i16::try_from(message.direction).unwrap_or(0)),
+            channel: i32::from(i16::try_from(message.channel).unwrap_or(0)),
+            r#type: message.r#type.clone(),
+            text: message.text.clone(),
+            supported: message.supported,
+            content_json: if message.content_json.is_empty() {
+                "{}".to_owned()
+            } else {
+                message.content_json.clone()
+            },
+            status: i32::from(status as i16),
+            raw_status: message.raw_status.clone(),
+            sent_by_employee_id: String::new(),
+            // PostgreSQL keeps microseconds.
+            created_at: Some(store::to_timestamp(created_at.trunc_subsecs(6))),
+            failure: String::new(),
+        };
+        self.notify(conn, events, &shop.shop_id, &target, stored, message)
             .await?;
         Ok(follow_ups)
     }
@@ -537,7 +563,7 @@ impl Ingestor {
         events: &mut PendingEvents,
         shop_id: &str,
         target: &Target,
-        message_id: Uuid,
+        stored: Message,
         message: &InboundMessage,
     ) -> Result<(), IngestError> {
         let assignee = target
@@ -548,7 +574,7 @@ impl Ingestor {
             return Ok(());
         }
         let conversation = store::load_conversation(conn, target.conversation_id).await?;
-        let stored = store::load_message(conn, message_id).await?;
+        let stored = Some(stored);
         let event = if message.supported {
             employee_event::Event::NewMessage(NewMessageEvent {
                 conversation,

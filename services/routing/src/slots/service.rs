@@ -230,9 +230,16 @@ impl SlotService {
         .execute(&self.pool)
         .await?;
         sqlx::query(
-            "insert into slot_display_names (employee_id, display_name) values ($1, $2)
-             on conflict (employee_id) do update set display_name = excluded.display_name
-             where slot_display_names.display_name <> excluded.display_name",
+            // Writes only on a change: an upsert whose update is skipped still locks the row,
+            // and that costs a WAL flush on every config sync.
+            "with changed as (
+                update slot_display_names set display_name = $2
+                where employee_id = $1 and display_name <> $2
+             )
+             insert into slot_display_names (employee_id, display_name)
+             select $1, $2
+             where not exists (select 1 from slot_display_names where employee_id = $1)
+             on conflict (employee_id) do nothing",
         )
         .bind(employee_id)
         .bind(display_name)
