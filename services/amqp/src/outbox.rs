@@ -72,41 +72,83 @@ pub async fn enqueue_many(
     if messages.is_empty() {
         return Ok(());
     }
-    let mut event_ids = Vec::with_capacity(messages.len());
-    let mut exchanges = Vec::with_capacity(messages.len());
-    let mut routing_keys = Vec::with_capacity(messages.len());
-    let mut types = Vec::with_capacity(messages.len());
-    let mut payloads = Vec::with_capacity(messages.len());
-    let mut headers = Vec::with_capacity(messages.len());
-    for message in messages {
-        event_ids.push(message.event_id);
-        exchanges.push(message.exchange.as_str());
-        routing_keys.push(message.routing_key.as_str());
-        types.push(message.message_type.as_str());
-        payloads.push(message.payload.as_slice());
-        headers.push(serde_json::to_value(&message.headers)?);
-    }
-    // The wake-up is delivered on commit only, so the relay never wakes for a rolled-back
-    // event; it rides in the same statement because callers often hold row locks until
-    // commit, and every round trip lengthens that.
-    sqlx::query(
-        "with stored as (
-            insert into outbox (event_id, exchange, routing_key, message_type, payload, headers)
-            select * from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bytea[],
-                                 $6::jsonb[])
-         )
-         select pg_notify($7, '')",
-    )
-    .bind(&event_ids)
-    .bind(&exchanges)
-    .bind(&routing_keys)
-    .bind(&types)
-    .bind(&payloads)
-    .bind(&headers)
-    .bind(NOTIFY_CHANNEL)
-    .execute(&mut *conn)
-    .await?;
+    let batch = OutboxBatch::new(messages)?;
+    let sql = format!("with {} {}", OutboxBatch::cte(1), OutboxBatch::wake(1));
+    batch
+        .bind(sqlx::query(sqlx::AssertSqlSafe(sql)))
+        .execute(&mut *conn)
+        .await?;
     Ok(())
+}
+
+/// Outbox rows as one `insert … select * from unnest(…)`, for callers that store their own
+/// rows in the same statement (`with <their CTEs>, {cte} {wake}`): every round trip counts
+/// while a transaction holds row locks until commit.
+pub struct OutboxBatch {
+    event_ids: Vec<Uuid>,
+    exchanges: Vec<String>,
+    routing_keys: Vec<String>,
+    types: Vec<String>,
+    payloads: Vec<Vec<u8>>,
+    headers: Vec<serde_json::Value>,
+}
+
+impl OutboxBatch {
+    /// How many parameters [`OutboxBatch::bind`] binds, from the first one given to `cte`.
+    pub const PARAMETERS: usize = 7;
+
+    pub fn new(messages: &[OutboxMessage]) -> Result<Self, OutboxError> {
+        let mut batch = Self {
+            event_ids: Vec::with_capacity(messages.len()),
+            exchanges: Vec::with_capacity(messages.len()),
+            routing_keys: Vec::with_capacity(messages.len()),
+            types: Vec::with_capacity(messages.len()),
+            payloads: Vec::with_capacity(messages.len()),
+            headers: Vec::with_capacity(messages.len()),
+        };
+        for message in messages {
+            batch.event_ids.push(message.event_id);
+            batch.exchanges.push(message.exchange.clone());
+            batch.routing_keys.push(message.routing_key.clone());
+            batch.types.push(message.message_type.clone());
+            batch.payloads.push(message.payload.clone());
+            batch.headers.push(serde_json::to_value(&message.headers)?);
+        }
+        Ok(batch)
+    }
+
+    /// The CTE `outbox_rows` that inserts the rows, its arrays bound from `$first`.
+    pub fn cte(first: usize) -> String {
+        let p: Vec<String> = (first..first + 6).map(|n| format!("${n}")).collect();
+        format!(
+            "outbox_rows as (
+                insert into outbox (event_id, exchange, routing_key, message_type, payload, headers)
+                select * from unnest({}::uuid[], {}::text[], {}::text[], {}::text[], {}::bytea[],
+                                     {}::jsonb[]))",
+            p[0], p[1], p[2], p[3], p[4], p[5]
+        )
+    }
+
+    /// The statement's final `select`: wakes the relay, on commit only, so it never wakes for
+    /// a rolled-back event.
+    pub fn wake(first: usize) -> String {
+        format!("select pg_notify(${}, '')", first + 6)
+    }
+
+    /// Binds the arrays and the wake-up channel, in the order `cte` and `wake` expect.
+    pub fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.event_ids)
+            .bind(self.exchanges)
+            .bind(self.routing_keys)
+            .bind(self.types)
+            .bind(self.payloads)
+            .bind(self.headers)
+            .bind(NOTIFY_CHANNEL)
+    }
 }
 
 /// Publishes committed outbox rows, oldest first, and deletes each once confirmed.

@@ -339,6 +339,13 @@ async fn apply_batch(
 ) -> Result<Option<Vec<Verdict>>, IngestError> {
     let mut tx = context.pool.begin().await.map_err(IngestError::from)?;
     let mut state = BatchState::default();
+    if !careful {
+        let events: Vec<&Inbound> = decoded.iter().filter_map(|e| e.as_ref().ok()).collect();
+        context
+            .ingestor
+            .prefetch(&mut tx, &mut state, &events)
+            .await?;
+    }
     let mut verdicts = Vec::with_capacity(decoded.len());
     for (event, span) in decoded.iter().zip(spans) {
         let inbound = match event {

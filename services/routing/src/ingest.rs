@@ -5,7 +5,7 @@
 //! is found by MSISDN per shop, or by MessageBird contact id for visitors without a phone;
 //! unsupported types notify the assignee, or the shop's chatters when nobody is assigned.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use prost::Message as _;
@@ -14,7 +14,7 @@ use shopctrl_proto::v1::{
     Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent, Message,
     MessageStatus, NewMessageEvent, UnsupportedMessageEvent, employee_event,
 };
-use sqlx::{PgConnection, Row};
+use sqlx::{PgConnection, Row, postgres::PgRow};
 use uuid::Uuid;
 
 use crate::{
@@ -114,9 +114,170 @@ pub struct BatchState {
     shops: HashMap<String, ShopSettings>,
     /// Employee events, numbered just before the batch commits ([`Sink::store_pending`]).
     pub events: PendingEvents,
+    /// What the batch's messages are matched against, read for all of them at once.
+    lookups: Lookups,
+}
+
+/// The batch's lookups ([`Ingestor::prefetch`]) and the keys an earlier event of the batch
+/// changed: a message whose keys were touched is looked up again on its own, so it sees what
+/// the earlier events wrote.
+#[derive(Debug, Default)]
+struct Lookups {
+    /// By (shop, MessageBird message id).
+    rows: HashMap<(String, String), PgRow>,
+    /// (shop, MessageBird message id) stored or updated by this batch.
+    messages: HashSet<(String, String)>,
+    /// (shop, MessageBird conversation id) whose conversation this batch created or reopened.
+    conversations: HashSet<(String, String)>,
+    /// (shop, customer key) created by this batch.
+    customers: HashSet<(String, String)>,
+}
+
+/// One message to match: the columns of the lookup's `unnest`.
+struct LookupKey<'a> {
+    shop_id: &'a str,
+    mb_message_id: &'a str,
+    mb_conversation_id: &'a str,
+    msisdn: Option<&'a str>,
+    contact_id: Option<&'a str>,
+    received: bool,
+}
+
+/// Reads, for each key, the stored copy of the message, the customer and, for a customer's
+/// message, the open conversation (locked), for anyone else's the open or else latest one.
+/// Rows come back in the keys' order.
+async fn lookup(
+    conn: &mut PgConnection,
+    keys: &[LookupKey<'_>],
+) -> Result<Vec<PgRow>, sqlx::Error> {
+    let mut shops = Vec::with_capacity(keys.len());
+    let mut message_ids = Vec::with_capacity(keys.len());
+    let mut conversation_ids = Vec::with_capacity(keys.len());
+    let mut msisdns = Vec::with_capacity(keys.len());
+    let mut contact_ids = Vec::with_capacity(keys.len());
+    let mut received = Vec::with_capacity(keys.len());
+    for key in keys {
+        shops.push(key.shop_id);
+        message_ids.push(key.mb_message_id);
+        conversation_ids.push(key.mb_conversation_id);
+        msisdns.push(key.msisdn);
+        contact_ids.push(key.contact_id);
+        received.push(key.received);
+    }
+    sqlx::query(
+        "select k.ord, e.message_id as e_message_id, e.status as e_status,
+                e.conversation_id as e_conversation_id, e.state as e_state,
+                coalesce(cm.customer_id, cc.customer_id) as customer_id,
+                coalesce(o.conversation_id, l.conversation_id) as t_conversation_id,
+                coalesce(o.state, l.state) as t_state,
+                coalesce(o.assignee_employee_id, l.assignee_employee_id) as t_assignee
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
+              with ordinality as k(shop_id, mb_message_id, mb_conversation_id, msisdn,
+                                   contact_id, received, ord)
+         left join lateral (
+            select m.message_id, m.status, m.conversation_id, c.state
+            from messages m left join conversations c on c.conversation_id = m.conversation_id
+            where m.shop_id = k.shop_id and m.messagebird_message_id = k.mb_message_id
+            for update of m) e on true
+         left join lateral (
+            select customer_id from customers
+            where shop_id = k.shop_id and msisdn = k.msisdn) cm on true
+         left join lateral (
+            select customer_id from customers
+            where shop_id = k.shop_id and messagebird_contact_id = k.contact_id
+              and msisdn is null and k.msisdn is null) cc on true
+         left join lateral (
+            select conversation_id, state, assignee_employee_id from conversations
+            where shop_id = k.shop_id and messagebird_conversation_id = k.mb_conversation_id
+              and state <> 'closed' and k.received
+            for update) o on true
+         left join lateral (
+            select conversation_id, state, assignee_employee_id from conversations
+            where shop_id = k.shop_id and messagebird_conversation_id = k.mb_conversation_id
+              and not k.received
+            order by (state <> 'closed') desc, created_at desc limit 1) l on true
+         order by k.ord",
+    )
+    .bind(&shops)
+    .bind(&message_ids)
+    .bind(&conversation_ids)
+    .bind(&msisdns)
+    .bind(&contact_ids)
+    .bind(&received)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// The lookup key of a webhook's message, or None when it has none (the event then fails on
+/// its own, with its reason, when applied).
+fn lookup_key<'a>(
+    event: &'a InboundWebhookEvent,
+    customer: &'a Option<Result<CustomerKey, String>>,
+) -> Option<LookupKey<'a>> {
+    let message = event.message.as_ref()?;
+    let mb_message_id = message.messagebird_message_id.trim();
+    let mb_conversation_id = event.messagebird_conversation_id.trim();
+    if mb_message_id.is_empty() || mb_conversation_id.is_empty() {
+        return None;
+    }
+    let (msisdn, contact_id) = match customer {
+        Some(Ok(CustomerKey::Msisdn(msisdn))) => (Some(msisdn.as_str()), None),
+        Some(Ok(CustomerKey::Contact(contact_id))) => (None, Some(contact_id.as_str())),
+        _ => (None, None),
+    };
+    Some(LookupKey {
+        shop_id: &event.shop_id,
+        mb_message_id,
+        mb_conversation_id,
+        msisdn,
+        contact_id,
+        received: store::direction_of(message.direction) == Direction::Received,
+    })
+}
+
+/// The customer key of a webhook's message when a customer sent it.
+fn customer_key_of(event: &InboundWebhookEvent) -> Option<Result<CustomerKey, String>> {
+    let message = event.message.as_ref()?;
+    (store::direction_of(message.direction) == Direction::Received)
+        .then(|| customer_key(&event.contact.clone().unwrap_or_default()))
 }
 
 impl Ingestor {
+    /// Reads what every message of the batch is matched against in one statement, before the
+    /// batch is applied event by event (which then takes each event's rows from here).
+    pub async fn prefetch(
+        &self,
+        conn: &mut PgConnection,
+        batch: &mut BatchState,
+        events: &[&Inbound],
+    ) -> Result<(), IngestError> {
+        let webhooks: Vec<&InboundWebhookEvent> = events
+            .iter()
+            .filter_map(|inbound| match inbound {
+                Inbound::Webhook(event) => Some(event.as_ref()),
+                Inbound::Handover(_) => None,
+            })
+            .collect();
+        let customers: Vec<_> = webhooks.iter().map(|e| customer_key_of(e)).collect();
+        let keys: Vec<LookupKey<'_>> = webhooks
+            .iter()
+            .zip(&customers)
+            .filter_map(|(event, customer)| lookup_key(event, customer))
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let rows = lookup(conn, &keys).await?;
+        for (key, row) in keys.iter().zip(rows) {
+            batch
+                .lookups
+                .rows
+                .entry((key.shop_id.to_owned(), key.mb_message_id.to_owned()))
+                .or_insert(row);
+        }
+        Ok(())
+    }
+
     pub async fn apply(
         &self,
         conn: &mut PgConnection,
@@ -151,8 +312,15 @@ impl Ingestor {
                     return Ok(FollowUps::default());
                 };
                 let shop = self.shop(&mut batch.shops, shop_id).await?;
-                self.message(conn, &mut batch.events, &shop, event, message)
-                    .await
+                self.message(
+                    conn,
+                    &mut batch.events,
+                    &mut batch.lookups,
+                    &shop,
+                    event,
+                    message,
+                )
+                .await
             }
         }
     }
@@ -177,6 +345,7 @@ impl Ingestor {
         &self,
         conn: &mut PgConnection,
         events: &mut PendingEvents,
+        lookups: &mut Lookups,
         shop: &ShopSettings,
         event: &InboundWebhookEvent,
         message: &InboundMessage,
@@ -217,47 +386,38 @@ impl Ingestor {
             Some(Ok(CustomerKey::Contact(contact_id))) => (None, Some(contact_id.as_str())),
             _ => (None, None),
         };
-        // One round trip for everything the message is matched against: the stored copy of
-        // this message, the customer and, for a customer's message, the open conversation
-        // (locked), for anyone else's the open or else latest one.
-        let lookup = sqlx::query(
-            "select e.message_id as e_message_id, e.status as e_status,
-                    e.conversation_id as e_conversation_id, e.state as e_state,
-                    coalesce(cm.customer_id, cc.customer_id) as customer_id,
-                    coalesce(o.conversation_id, l.conversation_id) as t_conversation_id,
-                    coalesce(o.state, l.state) as t_state,
-                    coalesce(o.assignee_employee_id, l.assignee_employee_id) as t_assignee
-             from (select 1) one
-             left join lateral (
-                select m.message_id, m.status, m.conversation_id, c.state
-                from messages m left join conversations c on c.conversation_id = m.conversation_id
-                where m.shop_id = $1 and m.messagebird_message_id = $2
-                for update of m) e on true
-             left join lateral (
-                select customer_id from customers
-                where shop_id = $1 and msisdn = $4 and $4::text is not null) cm on true
-             left join lateral (
-                select customer_id from customers
-                where shop_id = $1 and messagebird_contact_id = $5 and msisdn is null
-                  and $5::text is not null) cc on true
-             left join lateral (
-                select conversation_id, state, assignee_employee_id from conversations
-                where shop_id = $1 and messagebird_conversation_id = $3 and state <> 'closed'
-                  and $6
-                for update) o on true
-             left join lateral (
-                select conversation_id, state, assignee_employee_id from conversations
-                where shop_id = $1 and messagebird_conversation_id = $3 and not $6
-                order by (state <> 'closed') desc, created_at desc limit 1) l on true",
-        )
-        .bind(&shop.shop_id)
-        .bind(mb_message_id)
-        .bind(mb_conversation_id)
-        .bind(msisdn)
-        .bind(contact_id)
-        .bind(received)
-        .fetch_one(&mut *conn)
-        .await?;
+        // The batch's lookup, unless an earlier event of the batch changed what it read.
+        let message_key = (shop.shop_id.clone(), mb_message_id.to_owned());
+        let conversation_key = (shop.shop_id.clone(), mb_conversation_id.to_owned());
+        let customer_touched = msisdn.or(contact_id).is_some_and(|k| {
+            lookups
+                .customers
+                .contains(&(shop.shop_id.clone(), k.to_owned()))
+        });
+        let prefetched = lookups.rows.remove(&message_key).filter(|_| {
+            !lookups.messages.contains(&message_key)
+                && !lookups.conversations.contains(&conversation_key)
+                && !customer_touched
+        });
+        let lookup = match prefetched {
+            Some(row) => row,
+            None => lookup(
+                conn,
+                &[LookupKey {
+                    shop_id: &shop.shop_id,
+                    mb_message_id,
+                    mb_conversation_id,
+                    msisdn,
+                    contact_id,
+                    received,
+                }],
+            )
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| IngestError::Failed("the lookup returned no row".into()))?,
+        };
+        lookups.messages.insert(message_key);
 
         // A message we already have (redelivery, MessageBird retry, or message.updated): only
         // the status may move, and only forward.
@@ -302,6 +462,9 @@ impl Ingestor {
                 let customer_id = match lookup.try_get::<Option<Uuid>, _>("customer_id")? {
                     Some(id) => id,
                     None => {
+                        lookups
+                            .customers
+                            .insert((shop.shop_id.clone(), key.as_str().to_owned()));
                         self.new_customer(conn, &shop.shop_id, &key, &contact)
                             .await?
                     }
@@ -309,6 +472,7 @@ impl Ingestor {
                 Some(match found {
                     Some(open) => open,
                     None => {
+                        lookups.conversations.insert(conversation_key);
                         self.start_conversation(
                             conn,
                             shop,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use prost::Message as _;
-use shopctrl_amqp::{Names, OutboxMessage, outbox_enqueue, outbox_enqueue_many};
+use shopctrl_amqp::{Names, OutboxBatch, OutboxMessage, outbox_enqueue};
 use shopctrl_proto::v1::{
     Channel, Conversation, ConversationState, Customer, Direction, EmployeeEvent, EmployeeRef,
     Message, MessageStatus, Notification, UnassignedReason, employee_event,
@@ -623,17 +623,25 @@ impl Sink {
             shop_ids.push(event.shop_id);
             stored.push(bytes);
         }
-        sqlx::query(
-            "insert into employee_events (employee_id, sequence, shop_id, event)
-             select * from unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[])",
-        )
-        .bind(&employee_ids)
-        .bind(&sequences)
-        .bind(&shop_ids)
-        .bind(&stored)
-        .execute(&mut *conn)
-        .await?;
-        outbox_enqueue_many(conn, &outbox).await?;
+        // The events and their notifications in one statement: the sequence rows stay locked
+        // until commit, and other shards wait for them.
+        let sql = format!(
+            "with employee_rows as (
+                insert into employee_events (employee_id, sequence, shop_id, event)
+                select * from unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[])
+             ), {} {}",
+            OutboxBatch::cte(5),
+            OutboxBatch::wake(5)
+        );
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(employee_ids)
+            .bind(sequences)
+            .bind(shop_ids)
+            .bind(stored);
+        OutboxBatch::new(&outbox)?
+            .bind(query)
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 

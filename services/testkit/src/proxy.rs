@@ -51,7 +51,10 @@ impl TcpProxy {
                             return;
                         };
                         let (mut client, mut server) = (client, server);
+                        // Biased: once cut, bytes already waiting (an ack written right
+                        // after the cut) must not be forwarded by a lucky random pick.
                         tokio::select! {
+                            biased;
                             _ = cut.cancelled() => {}
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         }
