@@ -88,7 +88,22 @@ async fn unsupported_types_notify_the_shop_or_the_assignee() {
     let Some(Event::NewMessage(new)) = second.event else {
         panic!("expected a new-message event, got {second:?}");
     };
-    assert_eq!(new.message.unwrap().text, "and a question");
+    // The event carries the message and the conversation exactly as they were stored (the
+    // ingest builds them from its own statement rather than reading them back).
+    let message = new.message.clone().unwrap();
+    assert_eq!(message.text, "and a question");
+    let mut conn = env.pool.acquire().await.unwrap();
+    let message_id = uuid::Uuid::parse_str(&message.message_id).unwrap();
+    let stored = shopctrl_routing::store::load_message(&mut conn, message_id)
+        .await
+        .unwrap();
+    assert_eq!(Some(message), stored);
+    let conversation = new.conversation.clone().unwrap();
+    let conversation_id = uuid::Uuid::parse_str(&conversation.conversation_id).unwrap();
+    let stored = shopctrl_routing::store::load_conversation(&mut conn, conversation_id)
+        .await
+        .unwrap();
+    assert_eq!(Some(conversation), stored);
     assert_eq!((first.sequence, second.sequence), (1, 2));
     assert_eq!(
         env.count("select count(*) from employee_events where employee_id = 'alice'")
