@@ -11,8 +11,8 @@ use chrono::{DateTime, SubsecRound as _, Utc};
 use prost::Message as _;
 use shopctrl_domain::{message_status_from_messagebird, normalize_msisdn, status_update_allowed};
 use shopctrl_proto::v1::{
-    Conversation, Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent,
-    Message, MessageStatus, NewMessageEvent, UnsupportedMessageEvent, employee_event,
+    Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent, Message,
+    MessageStatus, NewMessageEvent, UnsupportedMessageEvent, employee_event,
 };
 use sqlx::{PgConnection, Row, postgres::PgRow};
 use uuid::Uuid;
@@ -500,13 +500,7 @@ impl Ingestor {
             Ok(msisdn) => msisdn,
             Err(_) => format!("contact:{}", contact.messagebird_contact_id.trim()),
         };
-        // Whether an employee event about this message follows, which needs the conversation
-        // as the API shows it: then the statement returns it, as its activity update left it.
-        let notifies = received
-            && conversation.as_ref().is_some_and(|t| {
-                !message.supported || (t.state == "assigned" && t.assignee.is_some())
-            });
-        let sql = format!(
+        sqlx::query(
             "with inserted as (
                 insert into messages (message_id, shop_id, conversation_id,
                     messagebird_conversation_id, messagebird_message_id, direction, channel,
@@ -517,7 +511,6 @@ impl Ingestor {
                 update conversations set last_activity_at = greatest(last_activity_at, $15),
                        last_message_preview = $16
                 where conversation_id = $3 and $17
-                returning *
              ),
              attached as (
                 update messages set conversation_id = $3
@@ -535,45 +528,39 @@ impl Ingestor {
                        channel = excluded.channel
                    where last_received.received_at < excluded.received_at
              )
-             {} where $22",
-            store::conversation_select_from("activity")
-        );
-        let updated = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(message_id)
-            .bind(&shop.shop_id)
-            .bind(conversation.as_ref().map(|c| c.conversation_id))
-            .bind(mb_conversation_id)
-            .bind(mb_message_id)
-            .bind(i16::try_from(message.direction).unwrap_or(0))
-            .bind(i16::try_from(message.channel).unwrap_or(0))
-            .bind(&message.platform)
-            .bind(&message.r#type)
-            .bind(&message.text)
-            .bind(message.supported)
-            .bind(if message.content_json.is_empty() {
-                "{}"
-            } else {
-                &message.content_json
-            })
-            .bind(status as i16)
-            .bind(&message.raw_status)
-            .bind(created_at)
-            .bind(store::preview(
-                &message.text,
-                &message.r#type,
-                message.supported,
-            ))
-            .bind(open_target.is_some())
-            .bind(received && conversation.as_ref().is_some_and(|t| t.fresh))
-            .bind(&message.channel_id)
-            .bind(window_key)
-            .bind(received && conversation.is_some())
-            .bind(notifies)
-            .fetch_optional(&mut *conn)
-            .await?
-            .as_ref()
-            .map(store::conversation_from_row)
-            .transpose()?;
+             select 1",
+        )
+        .bind(message_id)
+        .bind(&shop.shop_id)
+        .bind(conversation.as_ref().map(|c| c.conversation_id))
+        .bind(mb_conversation_id)
+        .bind(mb_message_id)
+        .bind(i16::try_from(message.direction).unwrap_or(0))
+        .bind(i16::try_from(message.channel).unwrap_or(0))
+        .bind(&message.platform)
+        .bind(&message.r#type)
+        .bind(&message.text)
+        .bind(message.supported)
+        .bind(if message.content_json.is_empty() {
+            "{}"
+        } else {
+            &message.content_json
+        })
+        .bind(status as i16)
+        .bind(&message.raw_status)
+        .bind(created_at)
+        .bind(store::preview(
+            &message.text,
+            &message.r#type,
+            message.supported,
+        ))
+        .bind(open_target.is_some())
+        .bind(received && conversation.as_ref().is_some_and(|t| t.fresh))
+        .bind(&message.channel_id)
+        .bind(window_key)
+        .bind(received && conversation.is_some())
+        .execute(&mut *conn)
+        .await?;
 
         let Some(target) = conversation else {
             return Ok(follow_ups);
@@ -610,16 +597,8 @@ impl Ingestor {
             created_at: Some(store::to_timestamp(created_at.trunc_subsecs(6))),
             failure: String::new(),
         };
-        self.notify(
-            conn,
-            events,
-            &shop.shop_id,
-            &target,
-            updated,
-            stored,
-            message,
-        )
-        .await?;
+        self.notify(conn, events, &shop.shop_id, &target, stored, message)
+            .await?;
         Ok(follow_ups)
     }
 
@@ -748,7 +727,6 @@ impl Ingestor {
         events: &mut PendingEvents,
         shop_id: &str,
         target: &Target,
-        conversation: Option<Conversation>,
         stored: Message,
         message: &InboundMessage,
     ) -> Result<(), IngestError> {
@@ -759,12 +737,7 @@ impl Ingestor {
         if message.supported && assignee.is_none() {
             return Ok(());
         }
-        // A closed conversation's activity does not move, so the message's statement did not
-        // return it.
-        let conversation = match conversation {
-            Some(conversation) => Some(conversation),
-            None => store::load_conversation(conn, target.conversation_id).await?,
-        };
+        let conversation = store::load_conversation(conn, target.conversation_id).await?;
         let stored = Some(stored);
         let event = if message.supported {
             employee_event::Event::NewMessage(NewMessageEvent {

@@ -179,18 +179,7 @@ const CONVERSATION_FROM: &str = "
     join customers cu on cu.customer_id = c.customer_id
     left join shop_members am on am.shop_id = c.shop_id and am.employee_id = c.assignee_employee_id";
 
-/// `select` of the API's conversation columns over `source`, a table or CTE with the columns
-/// of `conversations` (aliased `c`), e.g. the rows an `update … returning *` just wrote.
-pub fn conversation_select_from(source: &str) -> String {
-    format!(
-        "select {CONVERSATION_COLUMNS}
-         from {source} c
-         join customers cu on cu.customer_id = c.customer_id
-         left join shop_members am on am.shop_id = c.shop_id and am.employee_id = c.assignee_employee_id"
-    )
-}
-
-pub fn conversation_from_row(row: &PgRow) -> Result<Conversation, sqlx::Error> {
+fn conversation_from_row(row: &PgRow) -> Result<Conversation, sqlx::Error> {
     let state: String = row.try_get("state")?;
     let reason: Option<String> = row.try_get("unassigned_reason")?;
     let assignee: Option<String> = row.try_get("assignee_employee_id")?;
