@@ -8,7 +8,7 @@ export CARGO_TERM_COLOR ?= never
 help:
 	@echo "make run               start PostgreSQL/Redis/RabbitMQ if needed, build, start every service and a demo"
 	@echo "make test              start the infrastructure if needed, run every test (Rust, chart, compose)"
-	@echo "make test-e2e          the whole-stack suites: end-to-end rules, traces, faults (see README: not green yet)"
+	@echo "make test-e2e          the whole-stack suites: end-to-end rules, traces, faults survived"
 	@echo "make test-reliability  the fault suite alone (faults through TCP proxies the test controls)"
 	@echo "make bench             the benchmarks, with ratios against the raw ceilings measured in the same run"
 	@echo "make lint / make fmt   clippy with -D warnings / rustfmt"
