@@ -84,20 +84,17 @@ pub async fn enqueue_many(
 /// Outbox rows as one `insert … select * from unnest(…)`, for callers that store their own
 /// rows in the same statement (`with <their CTEs>, {cte} {wake}`): every round trip counts
 /// while a transaction holds row locks until commit.
-pub struct OutboxBatch {
+pub struct OutboxBatch<'a> {
     event_ids: Vec<Uuid>,
-    exchanges: Vec<String>,
-    routing_keys: Vec<String>,
-    types: Vec<String>,
-    payloads: Vec<Vec<u8>>,
+    exchanges: Vec<&'a str>,
+    routing_keys: Vec<&'a str>,
+    types: Vec<&'a str>,
+    payloads: Vec<&'a [u8]>,
     headers: Vec<serde_json::Value>,
 }
 
-impl OutboxBatch {
-    /// How many parameters [`OutboxBatch::bind`] binds, from the first one given to `cte`.
-    pub const PARAMETERS: usize = 7;
-
-    pub fn new(messages: &[OutboxMessage]) -> Result<Self, OutboxError> {
+impl<'a> OutboxBatch<'a> {
+    pub fn new(messages: &'a [OutboxMessage]) -> Result<Self, OutboxError> {
         let mut batch = Self {
             event_ids: Vec::with_capacity(messages.len()),
             exchanges: Vec::with_capacity(messages.len()),
@@ -108,10 +105,10 @@ impl OutboxBatch {
         };
         for message in messages {
             batch.event_ids.push(message.event_id);
-            batch.exchanges.push(message.exchange.clone());
-            batch.routing_keys.push(message.routing_key.clone());
-            batch.types.push(message.message_type.clone());
-            batch.payloads.push(message.payload.clone());
+            batch.exchanges.push(&message.exchange);
+            batch.routing_keys.push(&message.routing_key);
+            batch.types.push(&message.message_type);
+            batch.payloads.push(&message.payload);
             batch.headers.push(serde_json::to_value(&message.headers)?);
         }
         Ok(batch)
@@ -136,10 +133,10 @@ impl OutboxBatch {
     }
 
     /// Binds the arrays and the wake-up channel, in the order `cte` and `wake` expect.
-    pub fn bind<'q>(
+    pub fn bind(
         self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query: sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'a, sqlx::Postgres, sqlx::postgres::PgArguments> {
         query
             .bind(self.event_ids)
             .bind(self.exchanges)

@@ -220,11 +220,7 @@ fn lookup_key<'a>(
     if mb_message_id.is_empty() || mb_conversation_id.is_empty() {
         return None;
     }
-    let (msisdn, contact_id) = match customer {
-        Some(Ok(CustomerKey::Msisdn(msisdn))) => (Some(msisdn.as_str()), None),
-        Some(Ok(CustomerKey::Contact(contact_id))) => (None, Some(contact_id.as_str())),
-        _ => (None, None),
-    };
+    let (msisdn, contact_id) = customer_columns(customer);
     Some(LookupKey {
         shop_id: &event.shop_id,
         mb_message_id,
@@ -233,6 +229,18 @@ fn lookup_key<'a>(
         contact_id,
         received: store::direction_of(message.direction) == Direction::Received,
     })
+}
+
+/// The lookup's (msisdn, contact id) columns for a customer key; both empty for a message no
+/// customer sent or one without a valid key.
+fn customer_columns(
+    customer: &Option<Result<CustomerKey, String>>,
+) -> (Option<&str>, Option<&str>) {
+    match customer {
+        Some(Ok(CustomerKey::Msisdn(msisdn))) => (Some(msisdn.as_str()), None),
+        Some(Ok(CustomerKey::Contact(contact_id))) => (None, Some(contact_id.as_str())),
+        _ => (None, None),
+    }
 }
 
 /// The customer key of a webhook's message when a customer sent it.
@@ -376,16 +384,8 @@ impl Ingestor {
         let contact = event.contact.clone().unwrap_or_default();
         // The customer's key, checked before anything is read; an invalid MSISDN fails only a
         // message we do not have yet (a duplicate of a stored one still moves its status).
-        let customer_key = if received {
-            Some(customer_key(&contact))
-        } else {
-            None
-        };
-        let (msisdn, contact_id) = match &customer_key {
-            Some(Ok(CustomerKey::Msisdn(msisdn))) => (Some(msisdn.as_str()), None),
-            Some(Ok(CustomerKey::Contact(contact_id))) => (None, Some(contact_id.as_str())),
-            _ => (None, None),
-        };
+        let customer_key = customer_key_of(event);
+        let (msisdn, contact_id) = customer_columns(&customer_key);
         // The batch's lookup, unless an earlier event of the batch changed what it read.
         let message_key = (shop.shop_id.clone(), mb_message_id.to_owned());
         let conversation_key = (shop.shop_id.clone(), mb_conversation_id.to_owned());
