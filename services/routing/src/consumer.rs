@@ -376,12 +376,23 @@ async fn apply_batch(
         let verdict = loop {
             sqlx::query("savepoint event").execute(&mut *tx).await?;
             let gathered = state.events.len();
-            match context
+            // Each event's writes are flushed inside its own savepoint, so a failing one is
+            // rolled back alone.
+            let applied = match context
                 .ingestor
                 .apply(&mut tx, &mut state, inbound)
                 .instrument(span.clone())
                 .await
             {
+                Ok(follow_ups) => context
+                    .ingestor
+                    .flush(&mut tx, &mut state)
+                    .instrument(span.clone())
+                    .await
+                    .map(|()| follow_ups),
+                Err(error) => Err(error),
+            };
+            match applied {
                 Ok(follow_ups) => {
                     sqlx::query("release savepoint event")
                         .execute(&mut *tx)
@@ -394,6 +405,7 @@ async fn apply_batch(
                         .execute(&mut *tx)
                         .await?;
                     state.events.truncate(gathered);
+                    state.discard_deferred();
                     if attempt >= context.max_attempts {
                         break Verdict::Dead(reason);
                     }
@@ -403,6 +415,17 @@ async fn apply_batch(
             }
         };
         verdicts.push(verdict);
+    }
+    if !careful {
+        match context.ingestor.flush(&mut tx, &mut state).await {
+            Ok(()) => {}
+            Err(IngestError::Transient(error)) => return Err(IngestError::Transient(error)),
+            Err(IngestError::Failed(reason)) => {
+                tracing::debug!(%reason, "the batch's writes failed; applying it event by event");
+                tx.rollback().await?;
+                return Ok(None);
+            }
+        }
     }
     context
         .ingestor

@@ -5,7 +5,7 @@
 //! is found by MSISDN per shop, or by MessageBird contact id for visitors without a phone;
 //! unsupported types notify the assignee, or the shop's chatters when nobody is assigned.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use prost::Message as _;
@@ -116,6 +116,107 @@ pub struct BatchState {
     pub events: PendingEvents,
     /// What the batch's messages are matched against, read for all of them at once.
     lookups: Lookups,
+    /// Writes made together by [`Ingestor::flush`].
+    deferred: Deferred,
+}
+
+impl BatchState {
+    /// Forgets writes gathered but not flushed (the event that gathered them was rolled back).
+    pub fn discard_deferred(&mut self) {
+        self.deferred = Deferred::default();
+    }
+}
+
+/// Writes gathered while a batch is applied, made in a few set-based statements by
+/// [`Ingestor::flush`] instead of one round trip per event. Later events of the batch see them
+/// through `written` (a message's status) and the message rows themselves (attaching bot
+/// messages to a conversation created further on).
+#[derive(Debug, Default)]
+struct Deferred {
+    inserts: MessageRows,
+    /// Every message this batch stored or moved, by (shop, MessageBird message id).
+    written: HashMap<(String, String), Written>,
+    /// Status moves of messages stored before this batch, by message id.
+    statuses: BTreeMap<Uuid, (i16, String)>,
+    /// Per open conversation: the latest message time and the last message's preview.
+    activity: BTreeMap<Uuid, (DateTime<Utc>, String)>,
+    /// Conversations created by this batch, for bot messages stored before it:
+    /// (shop, MessageBird conversation id, conversation id).
+    attach: Vec<(String, String, Uuid)>,
+    /// The 24-hour window clock per (shop, channel id, customer key): the latest customer
+    /// message, as (channel, received at, MessageBird message id).
+    windows: BTreeMap<WindowKey, WindowMove>,
+    /// New-message and unsupported-type events, built once the writes are made.
+    notices: Vec<Notice>,
+}
+
+impl Deferred {
+    fn is_empty(&self) -> bool {
+        self.inserts.message_id.is_empty()
+            && self.statuses.is_empty()
+            && self.activity.is_empty()
+            && self.attach.is_empty()
+            && self.windows.is_empty()
+            && self.notices.is_empty()
+    }
+}
+
+/// Whose 24-hour window a customer message moves.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct WindowKey {
+    shop_id: String,
+    channel_id: String,
+    customer_key: String,
+}
+
+/// The window's new start: the customer's latest message.
+#[derive(Debug, Clone)]
+struct WindowMove {
+    channel: i16,
+    received_at: DateTime<Utc>,
+    mb_message_id: String,
+}
+
+/// A message this batch wrote: its id, its status now, and its row in `inserts` when it is
+/// new.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    message_id: Uuid,
+    status: MessageStatus,
+    row: Option<usize>,
+}
+
+/// New messages, one vector per column (the `unnest` of the insert).
+#[derive(Debug, Default)]
+struct MessageRows {
+    message_id: Vec<Uuid>,
+    shop_id: Vec<String>,
+    conversation_id: Vec<Option<Uuid>>,
+    mb_conversation_id: Vec<String>,
+    mb_message_id: Vec<String>,
+    direction: Vec<i16>,
+    channel: Vec<i16>,
+    platform: Vec<String>,
+    kind: Vec<String>,
+    text: Vec<String>,
+    supported: Vec<bool>,
+    content_json: Vec<String>,
+    status: Vec<i16>,
+    raw_status: Vec<String>,
+    created_at: Vec<DateTime<Utc>>,
+}
+
+/// Who hears of a stored message, decided when it was applied; the event carries the
+/// conversation as the batch left it.
+#[derive(Debug)]
+struct Notice {
+    shop_id: String,
+    conversation_id: Uuid,
+    /// The assignee, or None for the shop's chatters.
+    assignee: Option<String>,
+    stored: Message,
+    supported: bool,
+    kind: String,
 }
 
 /// The batch's lookups ([`Ingestor::prefetch`]) and the keys an earlier event of the batch
@@ -322,7 +423,7 @@ impl Ingestor {
                 let shop = self.shop(&mut batch.shops, shop_id).await?;
                 self.message(
                     conn,
-                    &mut batch.events,
+                    &mut batch.deferred,
                     &mut batch.lookups,
                     &shop,
                     event,
@@ -352,7 +453,7 @@ impl Ingestor {
     async fn message(
         &self,
         conn: &mut PgConnection,
-        events: &mut PendingEvents,
+        deferred: &mut Deferred,
         lookups: &mut Lookups,
         shop: &ShopSettings,
         event: &InboundWebhookEvent,
@@ -386,8 +487,28 @@ impl Ingestor {
         // message we do not have yet (a duplicate of a stored one still moves its status).
         let customer_key = customer_key_of(event);
         let (msisdn, contact_id) = customer_columns(&customer_key);
-        // The batch's lookup, unless an earlier event of the batch changed what it read.
         let message_key = (shop.shop_id.clone(), mb_message_id.to_owned());
+        // A message an earlier event of this batch stored or moved: only the status may move,
+        // and only forward. (That event already asked the assigner when it had to.)
+        if let Some(written) = deferred.written.get_mut(&message_key) {
+            if status_update_allowed(written.status, status) {
+                written.status = status;
+                match written.row {
+                    Some(row) => {
+                        deferred.inserts.status[row] = status as i16;
+                        deferred.inserts.raw_status[row] = message.raw_status.clone();
+                    }
+                    None => {
+                        deferred.statuses.insert(
+                            written.message_id,
+                            (status as i16, message.raw_status.clone()),
+                        );
+                    }
+                }
+            }
+            return Ok(follow_ups);
+        }
+        // The batch's lookup, unless an earlier event of the batch changed what it read.
         let conversation_key = (shop.shop_id.clone(), mb_conversation_id.to_owned());
         let customer_touched = msisdn.or(contact_id).is_some_and(|k| {
             lookups
@@ -417,22 +538,13 @@ impl Ingestor {
             .next()
             .ok_or_else(|| IngestError::Failed("the lookup returned no row".into()))?,
         };
-        lookups.messages.insert(message_key);
+        lookups.messages.insert(message_key.clone());
 
         // A message we already have (redelivery, MessageBird retry, or message.updated): only
         // the status may move, and only forward.
         if let Some(existing_id) = lookup.try_get::<Option<Uuid>, _>("e_message_id")? {
             let current = store::status_of(i32::from(lookup.try_get::<i16, _>("e_status")?));
-            if status_update_allowed(current, status) {
-                sqlx::query(
-                    "update messages set status = $2, raw_status = $3 where message_id = $1",
-                )
-                .bind(existing_id)
-                .bind(status as i16)
-                .bind(&message.raw_status)
-                .execute(&mut *conn)
-                .await?;
-            }
+            let allowed = status_update_allowed(current, status);
             // Repairs a crash between commit and the assigner call: the redelivery asks again
             // (the assigner is idempotent).
             let state: Option<String> = lookup.try_get("e_state")?;
@@ -442,6 +554,19 @@ impl Ingestor {
             {
                 follow_ups.waiting.push(id);
             }
+            if allowed {
+                deferred
+                    .statuses
+                    .insert(existing_id, (status as i16, message.raw_status.clone()));
+            }
+            deferred.written.insert(
+                message_key,
+                Written {
+                    message_id: existing_id,
+                    status: if allowed { status } else { current },
+                    row: None,
+                },
+            );
             return Ok(follow_ups);
         }
 
@@ -490,95 +615,60 @@ impl Ingestor {
             None => found,
         };
 
-        let message_id = Uuid::now_v7();
-        // One round trip for the message and everything it moves: the conversation's activity
-        // (unless closed), bot messages that arrived before the customer's first one (attached
-        // to the conversation this message created) and the 24-hour window clock (customer
-        // messages only).
-        let open_target = conversation.as_ref().filter(|t| t.state != "closed");
-        let window_key = match normalize_msisdn(&contact.msisdn) {
-            Ok(msisdn) => msisdn,
-            Err(_) => format!("contact:{}", contact.messagebird_contact_id.trim()),
-        };
-        sqlx::query(
-            "with inserted as (
-                insert into messages (message_id, shop_id, conversation_id,
-                    messagebird_conversation_id, messagebird_message_id, direction, channel,
-                    platform, type, text, supported, content_json, status, raw_status, created_at)
-                values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-             ),
-             activity as (
-                update conversations set last_activity_at = greatest(last_activity_at, $15),
-                       last_message_preview = $16
-                where conversation_id = $3 and $17
-             ),
-             attached as (
-                update messages set conversation_id = $3
-                where shop_id = $2 and messagebird_conversation_id = $4
-                  and conversation_id is null and $18
-             ),
-             window_moved as (
-                insert into last_received (shop_id, channel_id, customer_key, channel,
-                                           received_at, messagebird_message_id)
-                select $2::text, $19::text, $20::text, $7::smallint, $15::timestamptz, $5::text
-                where $21
-                on conflict (shop_id, channel_id, customer_key) do update
-                   set received_at = excluded.received_at,
-                       messagebird_message_id = excluded.messagebird_message_id,
-                       channel = excluded.channel
-                   where last_received.received_at < excluded.received_at
-             )
-             select 1",
-        )
-        .bind(message_id)
-        .bind(&shop.shop_id)
-        .bind(conversation.as_ref().map(|c| c.conversation_id))
-        .bind(mb_conversation_id)
-        .bind(mb_message_id)
-        .bind(i16::try_from(message.direction).unwrap_or(0))
-        .bind(i16::try_from(message.channel).unwrap_or(0))
-        .bind(&message.platform)
-        .bind(&message.r#type)
-        .bind(&message.text)
-        .bind(message.supported)
-        .bind(if message.content_json.is_empty() {
-            "{}"
-        } else {
-            &message.content_json
-        })
-        .bind(status as i16)
-        .bind(&message.raw_status)
-        .bind(created_at)
-        .bind(store::preview(
-            &message.text,
-            &message.r#type,
-            message.supported,
-        ))
-        .bind(open_target.is_some())
-        .bind(received && conversation.as_ref().is_some_and(|t| t.fresh))
-        .bind(&message.channel_id)
-        .bind(window_key)
-        .bind(received && conversation.is_some())
-        .execute(&mut *conn)
-        .await?;
+        // Everything the message moves, made by the flush: the conversation's activity (unless
+        // closed), bot messages that arrived before the customer's first one (attached to the
+        // conversation this message created) and the 24-hour window clock (customer messages
+        // only).
+        if let Some(target) = conversation.as_ref() {
+            if target.state != "closed" {
+                let preview = store::preview(&message.text, &message.r#type, message.supported);
+                deferred
+                    .activity
+                    .entry(target.conversation_id)
+                    .and_modify(|(at, last)| {
+                        *at = (*at).max(created_at);
+                        last.clone_from(&preview);
+                    })
+                    .or_insert((created_at, preview));
+            }
+            if received && target.fresh {
+                deferred.attach(&shop.shop_id, mb_conversation_id, target.conversation_id);
+            }
+            if received {
+                let window_key = match normalize_msisdn(&contact.msisdn) {
+                    Ok(msisdn) => msisdn,
+                    Err(_) => format!("contact:{}", contact.messagebird_contact_id.trim()),
+                };
+                let moved = WindowMove {
+                    channel: i16::try_from(message.channel).unwrap_or(0),
+                    received_at: created_at,
+                    mb_message_id: mb_message_id.to_owned(),
+                };
+                deferred
+                    .windows
+                    .entry(WindowKey {
+                        shop_id: shop.shop_id.clone(),
+                        channel_id: message.channel_id.clone(),
+                        customer_key: window_key,
+                    })
+                    .and_modify(|window| {
+                        // The latest wins; on a tie the first, as the upsert keeps it.
+                        if window.received_at < moved.received_at {
+                            *window = moved.clone();
+                        }
+                    })
+                    .or_insert(moved);
+            }
+        }
 
-        let Some(target) = conversation else {
-            return Ok(follow_ups);
-        };
-        if !received {
-            return Ok(follow_ups);
-        }
-        // Every customer message of a waiting conversation asks again (the claim is idempotent
-        // and answers at once when nobody has room): it heals a claim that a fault cut short,
-        // e.g. a pending claim rolled back after this conversation was refused.
-        if target.state == "waiting_for_employee" {
-            follow_ups.waiting.push(target.conversation_id);
-        }
-        // The message as stored, built here rather than read back (one round trip less inside
-        // the batch); the column values are exactly the ones bound above.
+        let message_id = Uuid::now_v7();
+        // The message as stored: the row the flush inserts, and the copy an event carries.
         let stored = Message {
             message_id: message_id.to_string(),
-            conversation_id: target.conversation_id.to_string(),
+            conversation_id: conversation
+                .as_ref()
+                .map(|c| c.conversation_id.to_string())
+                .unwrap_or_default(),
             messagebird_message_id: mb_message_id.to_owned(),
             direction: i32::from(i16::try_from(message.direction).unwrap_or(0)),
             channel: i32::from(i16::try_from(message.channel).unwrap_or(0)),
@@ -597,8 +687,52 @@ impl Ingestor {
             created_at: Some(store::to_timestamp(created_at.trunc_subsecs(6))),
             failure: String::new(),
         };
-        self.notify(conn, events, &shop.shop_id, &target, stored, message)
-            .await?;
+        let row = deferred.inserts.push(MessageRow {
+            message_id,
+            shop_id: &shop.shop_id,
+            conversation_id: conversation.as_ref().map(|c| c.conversation_id),
+            mb_conversation_id,
+            platform: &message.platform,
+            created_at,
+            stored: &stored,
+        });
+        deferred.written.insert(
+            message_key,
+            Written {
+                message_id,
+                status,
+                row: Some(row),
+            },
+        );
+
+        let Some(target) = conversation else {
+            return Ok(follow_ups);
+        };
+        if !received {
+            return Ok(follow_ups);
+        }
+        // Every customer message of a waiting conversation asks again (the claim is idempotent
+        // and answers at once when nobody has room): it heals a claim that a fault cut short,
+        // e.g. a pending claim rolled back after this conversation was refused.
+        if target.state == "waiting_for_employee" {
+            follow_ups.waiting.push(target.conversation_id);
+        }
+        // New-message events go to the assignee; unsupported types to the assignee or, when
+        // nobody is assigned, the shop's chatters.
+        let assignee = target
+            .assignee
+            .clone()
+            .filter(|_| target.state == "assigned");
+        if !message.supported || assignee.is_some() {
+            deferred.notices.push(Notice {
+                shop_id: shop.shop_id.clone(),
+                conversation_id: target.conversation_id,
+                assignee,
+                stored,
+                supported: message.supported,
+                kind: message.r#type.clone(),
+            });
+        }
         Ok(follow_ups)
     }
 
@@ -720,50 +854,249 @@ impl Ingestor {
         })
     }
 
-    /// New-message and unsupported-type events for whoever should hear them.
+    /// Makes the batch's gathered writes: new messages, status moves, conversation activity
+    /// and 24-hour windows in one statement, bot messages attached to new conversations in
+    /// another (the same row may not be updated twice in one statement), then the employee
+    /// events of the stored messages, with their conversations read in one statement.
+    pub async fn flush(
+        &self,
+        conn: &mut PgConnection,
+        batch: &mut BatchState,
+    ) -> Result<(), IngestError> {
+        let deferred = std::mem::take(&mut batch.deferred);
+        if deferred.is_empty() {
+            return Ok(());
+        }
+        let rows = &deferred.inserts;
+        let (status_ids, (status_values, raw_statuses)): (Vec<Uuid>, (Vec<i16>, Vec<String>)) =
+            deferred.statuses.into_iter().unzip();
+        let mut activity_ids = Vec::with_capacity(deferred.activity.len());
+        let mut activity_at = Vec::with_capacity(deferred.activity.len());
+        let mut previews = Vec::with_capacity(deferred.activity.len());
+        for (conversation_id, (at, preview)) in deferred.activity {
+            activity_ids.push(conversation_id);
+            activity_at.push(at);
+            previews.push(preview);
+        }
+        let mut window_shops = Vec::with_capacity(deferred.windows.len());
+        let mut window_channel_ids = Vec::with_capacity(deferred.windows.len());
+        let mut window_keys = Vec::with_capacity(deferred.windows.len());
+        let mut window_channels = Vec::with_capacity(deferred.windows.len());
+        let mut window_at = Vec::with_capacity(deferred.windows.len());
+        let mut window_messages = Vec::with_capacity(deferred.windows.len());
+        for (key, moved) in deferred.windows {
+            window_shops.push(key.shop_id);
+            window_channel_ids.push(key.channel_id);
+            window_keys.push(key.customer_key);
+            window_channels.push(moved.channel);
+            window_at.push(moved.received_at);
+            window_messages.push(moved.mb_message_id);
+        }
+        sqlx::query(
+            "with inserted as (
+                insert into messages (message_id, shop_id, conversation_id,
+                    messagebird_conversation_id, messagebird_message_id, direction, channel,
+                    platform, type, text, supported, content_json, status, raw_status, created_at)
+                select message_id, shop_id, conversation_id, mb_conversation_id, mb_message_id,
+                       direction, channel, platform, type, text, supported, content_json,
+                       status, raw_status, created_at
+                from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+                            $6::int2[], $7::int2[], $8::text[], $9::text[], $10::text[],
+                            $11::bool[], $12::text[], $13::int2[], $14::text[],
+                            $15::timestamptz[])
+                     with ordinality as m(message_id, shop_id, conversation_id,
+                        mb_conversation_id, mb_message_id, direction, channel, platform, type,
+                        text, supported, content_json, status, raw_status, created_at, ord)
+                order by ord
+             ),
+             statuses as (
+                update messages m set status = s.status, raw_status = s.raw_status
+                from unnest($16::uuid[], $17::int2[], $18::text[]) as s(message_id, status, raw_status)
+                where m.message_id = s.message_id
+             ),
+             activity as (
+                update conversations c
+                   set last_activity_at = greatest(c.last_activity_at, a.at),
+                       last_message_preview = a.preview
+                from unnest($19::uuid[], $20::timestamptz[], $21::text[]) as a(conversation_id, at, preview)
+                where c.conversation_id = a.conversation_id
+             ),
+             window_moved as (
+                insert into last_received (shop_id, channel_id, customer_key, channel,
+                                           received_at, messagebird_message_id)
+                select * from unnest($22::text[], $23::text[], $24::text[], $25::int2[],
+                                     $26::timestamptz[], $27::text[])
+                on conflict (shop_id, channel_id, customer_key) do update
+                   set received_at = excluded.received_at,
+                       messagebird_message_id = excluded.messagebird_message_id,
+                       channel = excluded.channel
+                   where last_received.received_at < excluded.received_at
+             )
+             select 1",
+        )
+        .bind(&rows.message_id)
+        .bind(&rows.shop_id)
+        .bind(&rows.conversation_id)
+        .bind(&rows.mb_conversation_id)
+        .bind(&rows.mb_message_id)
+        .bind(&rows.direction)
+        .bind(&rows.channel)
+        .bind(&rows.platform)
+        .bind(&rows.kind)
+        .bind(&rows.text)
+        .bind(&rows.supported)
+        .bind(&rows.content_json)
+        .bind(&rows.status)
+        .bind(&rows.raw_status)
+        .bind(&rows.created_at)
+        .bind(&status_ids)
+        .bind(&status_values)
+        .bind(&raw_statuses)
+        .bind(&activity_ids)
+        .bind(&activity_at)
+        .bind(&previews)
+        .bind(&window_shops)
+        .bind(&window_channel_ids)
+        .bind(&window_keys)
+        .bind(&window_channels)
+        .bind(&window_at)
+        .bind(&window_messages)
+        .execute(&mut *conn)
+        .await?;
+        if !deferred.attach.is_empty() {
+            let (shops, (mb_conversation_ids, conversation_ids)): (
+                Vec<String>,
+                (Vec<String>, Vec<Uuid>),
+            ) = deferred
+                .attach
+                .into_iter()
+                .map(|(shop, mb, id)| (shop, (mb, id)))
+                .unzip();
+            sqlx::query(
+                "update messages m set conversation_id = a.conversation_id
+                 from unnest($1::text[], $2::text[], $3::uuid[])
+                      as a(shop_id, mb_conversation_id, conversation_id)
+                 where m.shop_id = a.shop_id
+                   and m.messagebird_conversation_id = a.mb_conversation_id
+                   and m.conversation_id is null",
+            )
+            .bind(&shops)
+            .bind(&mb_conversation_ids)
+            .bind(&conversation_ids)
+            .execute(&mut *conn)
+            .await?;
+        }
+        self.notify(conn, &mut batch.events, deferred.notices).await
+    }
+
+    /// New-message and unsupported-type events for whoever should hear them, in the order the
+    /// messages arrived.
     async fn notify(
         &self,
         conn: &mut PgConnection,
         events: &mut PendingEvents,
-        shop_id: &str,
-        target: &Target,
-        stored: Message,
-        message: &InboundMessage,
+        notices: Vec<Notice>,
     ) -> Result<(), IngestError> {
-        let assignee = target
-            .assignee
-            .clone()
-            .filter(|_| target.state == "assigned");
-        if message.supported && assignee.is_none() {
+        if notices.is_empty() {
             return Ok(());
         }
-        let conversation = store::load_conversation(conn, target.conversation_id).await?;
-        let stored = Some(stored);
-        let event = if message.supported {
-            employee_event::Event::NewMessage(NewMessageEvent {
-                conversation,
-                message: stored,
-            })
-        } else {
-            employee_event::Event::UnsupportedMessage(UnsupportedMessageEvent {
-                conversation,
-                message: stored,
-                r#type: message.r#type.clone(),
-            })
-        };
-        match assignee {
-            Some(employee_id) => events.push(&employee_id, shop_id, event),
-            None => {
-                // The shop: every employee who may chat there gets it in their own numbered
-                // stream (so a reconnect replays it), plus one shop-wide notice.
-                for employee_id in store::chat_members(conn, shop_id).await? {
-                    events.push(&employee_id, shop_id, event.clone());
+        let mut ids: Vec<Uuid> = notices.iter().map(|n| n.conversation_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let conversations = store::load_conversations(conn, &ids).await?;
+        let mut chatters: HashMap<String, Vec<String>> = HashMap::new();
+        for notice in notices {
+            let conversation = conversations.get(&notice.conversation_id).cloned();
+            let stored = Some(notice.stored);
+            let event = if notice.supported {
+                employee_event::Event::NewMessage(NewMessageEvent {
+                    conversation,
+                    message: stored,
+                })
+            } else {
+                employee_event::Event::UnsupportedMessage(UnsupportedMessageEvent {
+                    conversation,
+                    message: stored,
+                    r#type: notice.kind,
+                })
+            };
+            match notice.assignee {
+                Some(employee_id) => events.push(&employee_id, &notice.shop_id, event),
+                None => {
+                    // The shop: every employee who may chat there gets it in their own
+                    // numbered stream (so a reconnect replays it), plus one shop-wide notice.
+                    if !chatters.contains_key(&notice.shop_id) {
+                        let members = store::chat_members(conn, &notice.shop_id).await?;
+                        chatters.insert(notice.shop_id.clone(), members);
+                    }
+                    for employee_id in chatters.get(&notice.shop_id).into_iter().flatten() {
+                        events.push(employee_id, &notice.shop_id, event.clone());
+                    }
+                    self.sink.shop_notice(conn, &notice.shop_id, event).await?;
                 }
-                self.sink.shop_notice(conn, shop_id, event).await?;
             }
         }
         Ok(())
     }
+}
+
+impl Deferred {
+    /// A conversation created by this batch takes the bot messages stored before it: those
+    /// still to be inserted here, and (by the flush) those stored earlier.
+    fn attach(&mut self, shop_id: &str, mb_conversation_id: &str, conversation_id: Uuid) {
+        let rows = &mut self.inserts;
+        for row in 0..rows.message_id.len() {
+            if rows.conversation_id[row].is_none()
+                && rows.shop_id[row] == shop_id
+                && rows.mb_conversation_id[row] == mb_conversation_id
+            {
+                rows.conversation_id[row] = Some(conversation_id);
+            }
+        }
+        self.attach.push((
+            shop_id.to_owned(),
+            mb_conversation_id.to_owned(),
+            conversation_id,
+        ));
+    }
+}
+
+impl MessageRows {
+    /// Adds a new message's row; returns its index.
+    fn push(&mut self, row: MessageRow<'_>) -> usize {
+        let stored = row.stored;
+        self.message_id.push(row.message_id);
+        self.shop_id.push(row.shop_id.to_owned());
+        self.conversation_id.push(row.conversation_id);
+        self.mb_conversation_id
+            .push(row.mb_conversation_id.to_owned());
+        self.mb_message_id
+            .push(stored.messagebird_message_id.clone());
+        self.direction
+            .push(i16::try_from(stored.direction).unwrap_or(0));
+        self.channel
+            .push(i16::try_from(stored.channel).unwrap_or(0));
+        self.platform.push(row.platform.to_owned());
+        self.kind.push(stored.r#type.clone());
+        self.text.push(stored.text.clone());
+        self.supported.push(stored.supported);
+        self.content_json.push(stored.content_json.clone());
+        self.status.push(i16::try_from(stored.status).unwrap_or(0));
+        self.raw_status.push(stored.raw_status.clone());
+        self.created_at.push(row.created_at);
+        self.message_id.len() - 1
+    }
+}
+
+/// One new message's columns: the stored copy plus what only the table keeps.
+struct MessageRow<'a> {
+    message_id: Uuid,
+    shop_id: &'a str,
+    conversation_id: Option<Uuid>,
+    mb_conversation_id: &'a str,
+    platform: &'a str,
+    created_at: DateTime<Utc>,
+    stored: &'a Message,
 }
 
 /// How a customer is recognised: normalized MSISDN per shop, else MessageBird contact id.

@@ -247,6 +247,23 @@ pub async fn load_conversation(
     row.as_ref().map(conversation_from_row).transpose()
 }
 
+/// Several conversations as the API shows them, by id (missing ids are left out).
+pub async fn load_conversations(
+    conn: &mut PgConnection,
+    conversation_ids: &[Uuid],
+) -> Result<HashMap<Uuid, Conversation>, sqlx::Error> {
+    let sql = format!(
+        "select {CONVERSATION_COLUMNS} {CONVERSATION_FROM} where c.conversation_id = any($1)"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(conversation_ids)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("conversation_id")?, conversation_from_row(row)?)))
+        .collect()
+}
+
 /// Which conversations a dialog list shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialogScope<'a> {

@@ -612,3 +612,152 @@ async fn dialogs_and_messages_page_newest_activity_first() {
     assert_eq!(texts, ["msg 4", "extra 0"]);
     assert!(second.page.unwrap().next_page_token.is_empty());
 }
+
+/// Events queued before routing starts arrive as one or a few batches, whose writes are made
+/// together at the end: later events of a batch must still see what earlier ones wrote.
+#[tokio::test]
+async fn a_batch_applies_its_events_as_if_one_by_one() {
+    use shopctrl_routing::consumer::{CommitHook, Committed};
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    let mut env = Env::prepare(shop(true, false), 1).await;
+    // Before the batch: an agent message, whose status the batch then moves twice.
+    let before = env.spawn(None, None).await;
+    env.publish(&Msg::sent("mbconv-b0", "pre-agent", "stored earlier").event())
+        .await;
+    eventually(20, "the earlier message", || async {
+        (env.count("select count(*) from messages where messagebird_message_id = 'pre-agent'")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    before.stop().await;
+
+    let t0 = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let at = |seconds: i64| t0 + chrono::Duration::seconds(seconds);
+    let mut batch = Vec::new();
+    // A bot message before the customer's first one: stored without a conversation, then
+    // attached to the one the customer's message creates.
+    let mut bot = Msg::sent("mbconv-b1", "bot-1", "Hi, how can we help?");
+    bot.created_at = at(0);
+    batch.push(bot.event());
+    // Its status moves within the batch, once backwards (ignored).
+    for status in ["delivered", "read", "delivered"] {
+        let mut update = Msg::sent("mbconv-b1", "bot-1", "Hi, how can we help?");
+        update.created_at = at(0);
+        update.status = status;
+        update.webhook_type = "message.updated";
+        batch.push(update.event());
+    }
+    // Customer messages out of time order; a duplicate of the first.
+    for (id, seconds, text) in [
+        ("c-1", 1, "first"),
+        ("c-2", 3, "latest"),
+        ("c-3", 2, "late"),
+    ] {
+        let mut m = Msg::received("mbconv-b1", id, text);
+        m.created_at = at(seconds);
+        batch.push(m.event());
+    }
+    let mut duplicate = Msg::received("mbconv-b1", "c-1", "first");
+    duplicate.created_at = at(1);
+    batch.push(duplicate.event());
+    // The message stored before the batch moves forward, and not back.
+    for status in ["delivered", "read", "sent"] {
+        let mut update = Msg::sent("mbconv-b0", "pre-agent", "stored earlier");
+        update.status = status;
+        update.webhook_type = "message.updated";
+        batch.push(update.event());
+    }
+    // A bot message after the conversation exists joins it at once.
+    let mut later_bot = Msg::sent("mbconv-b1", "bot-2", "Someone will be with you");
+    later_bot.created_at = at(4);
+    batch.push(later_bot.event());
+    for event in &batch {
+        env.publish(event).await;
+    }
+
+    let largest = Arc::new(AtomicUsize::new(0));
+    let hook: CommitHook = {
+        let largest = largest.clone();
+        Arc::new(move |committed: &Committed| {
+            largest.fetch_max(committed.received_at.len(), Ordering::SeqCst);
+        })
+    };
+    let service = env.spawn(None, Some(hook)).await;
+    env.services.push(service);
+    eventually(30, "the last bot message", || async {
+        (env.count("select count(*) from messages where messagebird_message_id = 'bot-2'")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        largest.load(Ordering::SeqCst) > 1,
+        "the queued events were applied in batches"
+    );
+
+    assert_eq!(env.count("select count(*) from messages").await, 6);
+    assert_eq!(
+        env.count(
+            "select count(*) from conversations where messagebird_conversation_id = 'mbconv-b1'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        env.count(
+            "select count(*) from messages where messagebird_conversation_id = 'mbconv-b1'
+             and conversation_id is distinct from
+                 (select conversation_id from conversations
+                  where messagebird_conversation_id = 'mbconv-b1')"
+        )
+        .await,
+        0,
+        "every message of the conversation, bots' included, belongs to it"
+    );
+    let status = |id: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            let status: i16 =
+                sqlx::query_scalar("select status from messages where messagebird_message_id = $1")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            status_name(i32::from(status))
+        }
+    };
+    assert_eq!(status("bot-1").await, MessageStatus::Read);
+    assert_eq!(status("pre-agent").await, MessageStatus::Read);
+    let (activity, preview): (chrono::DateTime<chrono::Utc>, String) = sqlx::query_as(
+        "select last_activity_at, last_message_preview from conversations
+         where messagebird_conversation_id = 'mbconv-b1'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(activity.timestamp_micros(), at(4).timestamp_micros());
+    assert_eq!(
+        preview, "Someone will be with you",
+        "the last message's preview"
+    );
+    let (window, window_message): (chrono::DateTime<chrono::Utc>, String) = sqlx::query_as(
+        "select received_at, messagebird_message_id from last_received
+         where customer_key = '31612345678'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(window.timestamp_micros(), at(3).timestamp_micros());
+    assert_eq!(
+        window_message, "c-2",
+        "the latest customer message starts the window"
+    );
+    env.stop_all().await;
+}

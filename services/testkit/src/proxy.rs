@@ -6,7 +6,13 @@ use std::{
     },
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
 use tokio_util::sync::CancellationToken;
 
 /// A TCP proxy in front of a real server. [`TcpProxy::cut`] drops every connection and refuses
@@ -50,13 +56,13 @@ impl TcpProxy {
                         let Ok(server) = TcpStream::connect(&target).await else {
                             return;
                         };
-                        let (mut client, mut server) = (client, server);
-                        // Biased: once cut, bytes already waiting (an ack written right
-                        // after the cut) must not be forwarded by a lucky random pick.
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
                         tokio::select! {
                             biased;
                             _ = cut.cancelled() => {}
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = forward(client_read, server_write, &cut) => {}
+                            _ = forward(server_read, client_write, &cut) => {}
                         }
                     });
                 }
@@ -87,6 +93,26 @@ impl TcpProxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies one direction until either side closes. The cut is checked after every read, before
+/// the write: bytes written after a cut (an ack sent right after the commit hook cut the
+/// broker) are read only after the cut was made, so they are dropped, never forwarded, even
+/// when the writer runs on another thread than this task.
+async fn forward(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, cut: &CancellationToken) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if cut.is_cancelled() {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
     }
 }
 
