@@ -49,11 +49,15 @@ pub struct Assigned {
 /// What routing asks of the assignment logic. Every method is called after the caller's
 /// transaction committed and must be idempotent: a redelivered event calls it again.
 pub trait Assigner: Send + Sync + 'static {
-    /// A customer message created or reopened `conversation_id`, or the conversation is still
-    /// waiting for an employee when its event is redelivered (so a crash between commit and
-    /// this call is repaired by the redelivery).
-    fn conversation_waiting(&self, conversation_id: Uuid)
-    -> BoxFuture<'_, Result<(), AssignError>>;
+    /// Customer messages created or reopened these conversations, or they are still waiting
+    /// for an employee when their events are redelivered (so a crash between commit and this
+    /// call is repaired by the redelivery). Each comes with the span of the event that asked,
+    /// so its claim joins that event's trace. An `Unavailable` error means the caller retries
+    /// them all (claims are idempotent).
+    fn conversations_waiting(
+        &self,
+        waiting: Vec<(Uuid, tracing::Span)>,
+    ) -> BoxFuture<'_, Result<(), AssignError>>;
     /// A flow asked for a human (see DESIGN.md's handover cases). Called in shard order, after
     /// every earlier event of that conversation was committed.
     fn handover(&self, request: HandoverRequest) -> BoxFuture<'_, Result<(), AssignError>>;
@@ -91,30 +95,32 @@ impl QueueOnly {
 }
 
 impl Assigner for QueueOnly {
-    fn conversation_waiting(
+    fn conversations_waiting(
         &self,
-        conversation_id: Uuid,
+        waiting: Vec<(Uuid, tracing::Span)>,
     ) -> BoxFuture<'_, Result<(), AssignError>> {
         Box::pin(async move {
-            let Some(shop_id) = sqlx::query_scalar::<_, String>(
-                "select shop_id from conversations
-                 where conversation_id = $1 and state = 'waiting_for_employee'",
-            )
-            .bind(conversation_id)
-            .fetch_optional(&self.pool)
-            .await?
-            else {
-                return Ok(());
-            };
-            let reason = unassigned_reason(&self.pool, &shop_id).await?;
-            sqlx::query(
-                "update conversations set unassigned_reason = $2
-                 where conversation_id = $1 and state = 'waiting_for_employee'",
-            )
-            .bind(conversation_id)
-            .bind(reason)
-            .execute(&self.pool)
-            .await?;
+            for (conversation_id, _) in waiting {
+                let Some(shop_id) = sqlx::query_scalar::<_, String>(
+                    "select shop_id from conversations
+                     where conversation_id = $1 and state = 'waiting_for_employee'",
+                )
+                .bind(conversation_id)
+                .fetch_optional(&self.pool)
+                .await?
+                else {
+                    continue;
+                };
+                let reason = unassigned_reason(&self.pool, &shop_id).await?;
+                sqlx::query(
+                    "update conversations set unassigned_reason = $2
+                     where conversation_id = $1 and state = 'waiting_for_employee'",
+                )
+                .bind(conversation_id)
+                .bind(reason)
+                .execute(&self.pool)
+                .await?;
+            }
             Ok(())
         })
     }

@@ -436,12 +436,6 @@ async fn apply_batch(
     Ok(Some(verdicts))
 }
 
-/// How many waiting conversations of one batch are claimed for at the same time. Claims of
-/// different conversations are independent (the script decides atomically), and one claim is
-/// several round trips to Redis and PostgreSQL, so running them one by one would cap a shard
-/// at a few hundred assignments per second.
-const CONCURRENT_CLAIMS: usize = 8;
-
 /// The assigner calls. Infrastructure errors are retried in place until shutdown; false means
 /// shutdown came first and the batch must be given back. Other errors are logged: they are
 /// answers (the conversation stays in the queue), not outages.
@@ -467,17 +461,12 @@ async fn run_follow_ups(
             handovers.push((handover, span.clone()));
         }
     }
-    let all_claimed = futures::stream::iter(waiting)
-        .map(|(conversation_id, span)| {
-            retry(shutdown, move || {
-                context.assigner.conversation_waiting(conversation_id)
-            })
-            .instrument(span)
+    if !waiting.is_empty()
+        && !retry(shutdown, || {
+            context.assigner.conversations_waiting(waiting.clone())
         })
-        .buffer_unordered(CONCURRENT_CLAIMS)
-        .fold(true, |all, done| async move { all && done })
-        .await;
-    if !all_claimed {
+        .await
+    {
         return false;
     }
     for (handover, span) in handovers {

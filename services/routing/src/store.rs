@@ -152,6 +152,7 @@ macro_rules! unassigned_reason_sql {
         else c.unassigned_reason end"
     };
 }
+pub(crate) use unassigned_reason_sql;
 pub const UNASSIGNED_REASON_SQL: &str = unassigned_reason_sql!();
 
 const CONVERSATION_COLUMNS: &str = concat!(

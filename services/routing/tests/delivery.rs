@@ -108,9 +108,11 @@ async fn a_crash_between_commit_and_ack_changes_nothing_on_redelivery() {
     .await;
     // When all 20 arrive in the first batch, they are all stored before the cut batch comes
     // back: wait for its second commit rather than expect it already happened.
-    eventually(60, "a batch that lost its ack to be committed again", || async {
-        (committed.load(Ordering::SeqCst) > 20).then_some(())
-    })
+    eventually(
+        60,
+        "a batch that lost its ack to be committed again",
+        || async { (committed.load(Ordering::SeqCst) > 20).then_some(()) },
+    )
     .await;
     // Redeliveries were recognised: still one conversation, one customer, 20 messages, and
     // the queue drains to empty (everything acked in the end).

@@ -5,9 +5,10 @@
 //! shop is synced whenever its settings version or fetch time moved since the last sync, and
 //! on every capacity change or withdrawal the seam reports.
 
-use futures::future::BoxFuture;
+use futures::{StreamExt as _, future::BoxFuture};
 use shopctrl_proto::v1::{HandoverRequest, Presence};
 use sqlx::Row;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{ClaimKind, SlotError, SlotService};
@@ -26,6 +27,12 @@ impl From<SlotError> for AssignError {
         }
     }
 }
+
+/// How many waiting conversations are claimed for at the same time. Claims of different
+/// conversations are independent (the script decides atomically), and one claim is several
+/// round trips to Redis and PostgreSQL, so running them one by one would cap a shard at a few
+/// hundred assignments per second.
+const CONCURRENT_CLAIMS: usize = 8;
 
 /// [`Assigner`] with atomic slot claims.
 pub struct SlotAssigner {
@@ -219,19 +226,50 @@ impl SlotAssigner {
 }
 
 impl Assigner for SlotAssigner {
-    fn conversation_waiting(
+    fn conversations_waiting(
         &self,
-        conversation_id: Uuid,
+        waiting: Vec<(Uuid, tracing::Span)>,
     ) -> BoxFuture<'_, Result<(), AssignError>> {
         Box::pin(async move {
-            let Some(shop) = self.shop_of(conversation_id).await? else {
-                return Ok(());
-            };
-            self.sync_shop(&shop, false).await?;
-            self.svc
-                .assign_waiting(conversation_id, ClaimKind::Auto)
-                .await?;
-            Ok(())
+            // One read for all of them (this runs for every customer message of a waiting
+            // conversation), with whether each shop's slot copy is behind its settings.
+            let ids: Vec<Uuid> = waiting.iter().map(|(id, _)| *id).collect();
+            let loaded = self.svc.load_waiting(&ids).await?;
+            let mut behind: Vec<&str> = loaded
+                .iter()
+                .filter(|(_, behind)| *behind)
+                .map(|(conv, _)| conv.shop_id.as_str())
+                .collect();
+            behind.sort_unstable();
+            behind.dedup();
+            for shop in &behind {
+                self.sync_shop(shop, false).await?;
+            }
+            let mut spans: std::collections::HashMap<Uuid, tracing::Span> =
+                waiting.into_iter().collect();
+            let claims = loaded.into_iter().map(|(conv, shop_behind)| {
+                let span = spans.remove(&conv.id).unwrap_or_else(tracing::Span::none);
+                // A shop just synced may have changed what the claim reads: read again.
+                let id = conv.id;
+                let conv = (!shop_behind).then_some(conv);
+                self.svc
+                    .assign_loaded(id, conv, ClaimKind::Auto)
+                    .instrument(span)
+            });
+            let results: Vec<_> = futures::stream::iter(claims)
+                .buffer_unordered(CONCURRENT_CLAIMS)
+                .collect()
+                .await;
+            let mut unavailable = None;
+            for result in results {
+                match result.map_err(AssignError::from) {
+                    Ok(_) => {}
+                    Err(error @ AssignError::Unavailable(_)) => unavailable = Some(error),
+                    // An answer, not an outage: the conversation stays in the queue.
+                    Err(error) => tracing::warn!(%error, "claim refused"),
+                }
+            }
+            unavailable.map_or(Ok(()), Err)
         })
     }
 

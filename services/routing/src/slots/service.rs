@@ -2,14 +2,17 @@
 //! log, stickiness), Redis follows it. Every claim is pending in Redis, committed in
 //! PostgreSQL (fenced on the Redis epoch), then confirmed; a failed commit gives the slot back.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prost::Message as _;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::store::UNASSIGNED_REASON_SQL;
 use shopctrl_amqp::{OutboxMessage, outbox_enqueue};
 use shopctrl_proto::v1 as pb;
 
@@ -90,9 +93,9 @@ impl SlotSettings {
 
 /// One conversation as the slot logic sees it.
 #[derive(Debug, Clone)]
-struct Conv {
-    id: Uuid,
-    shop_id: String,
+pub struct Conv {
+    pub id: Uuid,
+    pub shop_id: String,
     customer_id: String,
     state: String,
     assignee: Option<String>,
@@ -100,6 +103,37 @@ struct Conv {
     unassigned_reason: Option<String>,
     messagebird_conversation_id: String,
     contact: pb::InboundContact,
+}
+
+/// The columns [`Conv`] is read from, and their tables (`c` the conversation).
+const CONV_COLUMNS: &str = concat!(
+    "c.conversation_id, c.shop_id, c.customer_id::text as customer_id, c.state,
+     c.assignee_employee_id, c.via_handover, ",
+    crate::store::unassigned_reason_sql!(),
+    " as unassigned_reason, c.messagebird_conversation_id,
+     coalesce(cu.msisdn, '') as msisdn,
+     coalesce(cu.messagebird_contact_id, '') as contact_id,
+     coalesce(cu.display_name, '') as contact_name"
+);
+const CONV_FROM: &str =
+    "from conversations c left join customers cu on cu.customer_id = c.customer_id";
+
+fn conv_from_row(row: &sqlx::postgres::PgRow) -> Result<Conv, SlotError> {
+    Ok(Conv {
+        id: row.try_get("conversation_id")?,
+        shop_id: row.try_get("shop_id")?,
+        customer_id: row.try_get("customer_id")?,
+        state: row.try_get("state")?,
+        assignee: row.try_get("assignee_employee_id")?,
+        via_handover: row.try_get("via_handover")?,
+        unassigned_reason: row.try_get("unassigned_reason")?,
+        messagebird_conversation_id: row.try_get("messagebird_conversation_id")?,
+        contact: pb::InboundContact {
+            messagebird_contact_id: row.try_get("contact_id")?,
+            msisdn: row.try_get("msisdn")?,
+            display_name: row.try_get("contact_name")?,
+        },
+    })
 }
 
 const CLAIM_ATTEMPTS: usize = 4;
@@ -112,7 +146,15 @@ pub struct SlotService {
     engine: SlotEngine,
     settings: SlotSettings,
     metrics: SlotMetrics,
+    /// The waiting reason this replica last wrote per shop, and when.
+    reasons_written: Arc<tokio::sync::Mutex<HashMap<String, (UnassignedReason, Instant)>>>,
 }
+
+/// How long a waiting reason this replica wrote is trusted without asking PostgreSQL again.
+/// Another replica may write a different one meanwhile; the shown reason then lags by at most
+/// this long. Refused claims come in bursts (every message of every waiting conversation), so
+/// this saves a statement on nearly all of them.
+const REASON_TRUSTED_FOR: Duration = Duration::from_secs(1);
 
 impl SlotService {
     pub fn new(
@@ -126,6 +168,7 @@ impl SlotService {
             engine,
             settings,
             metrics,
+            reasons_written: Arc::default(),
         }
     }
 
@@ -138,37 +181,35 @@ impl SlotService {
     }
 
     async fn load(&self, id: Uuid) -> Result<Conv, SlotError> {
-        let sql = format!(
-            "select c.shop_id, c.customer_id::text as customer_id, c.state,
-                    c.assignee_employee_id, c.via_handover,
-                    {UNASSIGNED_REASON_SQL} as unassigned_reason,
-                    c.messagebird_conversation_id,
-                    coalesce(cu.msisdn, '') as msisdn,
-                    coalesce(cu.messagebird_contact_id, '') as contact_id,
-                    coalesce(cu.display_name, '') as contact_name
-             from conversations c left join customers cu on cu.customer_id = c.customer_id
-             where c.conversation_id = $1"
-        );
+        let sql = format!("select {CONV_COLUMNS} {CONV_FROM} where c.conversation_id = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?
             .ok_or(SlotError::NotFound(id))?;
-        Ok(Conv {
-            id,
-            shop_id: row.try_get("shop_id")?,
-            customer_id: row.try_get("customer_id")?,
-            state: row.try_get("state")?,
-            assignee: row.try_get("assignee_employee_id")?,
-            via_handover: row.try_get("via_handover")?,
-            unassigned_reason: row.try_get("unassigned_reason")?,
-            messagebird_conversation_id: row.try_get("messagebird_conversation_id")?,
-            contact: pb::InboundContact {
-                messagebird_contact_id: row.try_get("contact_id")?,
-                msisdn: row.try_get("msisdn")?,
-                display_name: row.try_get("contact_name")?,
-            },
-        })
+        conv_from_row(&row)
+    }
+
+    /// Several conversations in one read, with whether each one's shop has a slot copy behind
+    /// its settings (see `SlotAssigner::sync_shop`). Unknown ids are left out.
+    pub async fn load_waiting(&self, ids: &[Uuid]) -> Result<Vec<(Conv, bool)>, SlotError> {
+        let sql = format!(
+            "select {CONV_COLUMNS},
+                    s.shop_id is not null
+                      and (x.synced_version is distinct from s.version
+                           or x.synced_refresh is distinct from s.refreshed_at) as shop_behind
+             {CONV_FROM}
+             left join shop_settings s on s.shop_id = c.shop_id
+             left join slot_shops x on x.shop_id = c.shop_id
+             where c.conversation_id = any($1)"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((conv_from_row(row)?, row.try_get("shop_behind")?)))
+            .collect()
     }
 
     // ----- configuration: PostgreSQL first (the rebuild reads it), then Redis -----
@@ -386,8 +427,22 @@ impl SlotService {
     /// conversation is now. The shop's waiting conversations get the reason when nobody is
     /// available.
     pub async fn assign_waiting(&self, id: Uuid, kind: ClaimKind) -> Result<Assignment, SlotError> {
+        self.assign_loaded(id, None, kind).await
+    }
+
+    /// [`SlotService::assign_waiting`] with the conversation already read (`loaded`, used for
+    /// the first attempt; later attempts read it again).
+    pub async fn assign_loaded(
+        &self,
+        id: Uuid,
+        mut loaded: Option<Conv>,
+        kind: ClaimKind,
+    ) -> Result<Assignment, SlotError> {
         for _ in 0..CLAIM_ATTEMPTS {
-            let conv = self.load(id).await?;
+            let conv = match loaded.take() {
+                Some(conv) => conv,
+                None => self.load(id).await?,
+            };
             if conv.state != "waiting_for_employee" {
                 return Ok(match (conv.state.as_str(), conv.assignee) {
                     ("assigned", Some(employee_id)) => Assignment::Assigned { employee_id },
@@ -670,9 +725,17 @@ impl SlotService {
 
     /// Every waiting conversation of the shop carries the same reason: availability is a
     /// property of the shop, not of the conversation. So the reason is one row per shop
-    /// (read through [`UNASSIGNED_REASON_SQL`]), written only when it changes, instead of a
+    /// (read through [`crate::store::UNASSIGNED_REASON_SQL`]), written only when it changes, instead of a
     /// rewrite of the whole queue after every refused claim.
     async fn set_reason(&self, shop_id: &str, reason: UnassignedReason) -> Result<(), SlotError> {
+        // Held across the write, so the memo and the table change in the same order.
+        let mut written = self.reasons_written.lock().await;
+        if written
+            .get(shop_id)
+            .is_some_and(|(last, at)| *last == reason && at.elapsed() < REASON_TRUSTED_FOR)
+        {
+            return Ok(());
+        }
         // Writes only when the reason changed: an upsert whose update is skipped still locks
         // the row, which costs a transaction id and a WAL flush on every refused claim.
         sqlx::query(
@@ -689,6 +752,7 @@ impl SlotService {
         .bind(reason.as_str())
         .execute(&self.pool)
         .await?;
+        written.insert(shop_id.to_owned(), (reason, Instant::now()));
         Ok(())
     }
 
