@@ -12,7 +12,7 @@ mod topology;
 pub use consumer::{ConsumeError, ConsumerConfig, Handled, Incoming, consume_span, run_consumer};
 pub use headers::{headers_to_pairs, string_header};
 pub use outbox::{
-    OutboxBatch, OutboxError, OutboxMessage, OutboxRelay, enqueue as outbox_enqueue,
+    OutboxBatch, OutboxError, OutboxMessage, OutboxRelay, Wake, enqueue as outbox_enqueue,
     enqueue_many as outbox_enqueue_many,
 };
 pub use publisher::{Outgoing, PublishError, Publisher};

@@ -269,26 +269,58 @@ impl OutboxRelay {
     /// Relays until `shutdown`, woken by commits (LISTEN/NOTIFY) and by a poll as a safety net.
     /// On shutdown it relays what is left once more before returning.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut listener = match PgListener::connect_with(&self.pool).await {
-            Ok(mut listener) => match listener.listen(NOTIFY_CHANNEL).await {
+        let full = usize::try_from(self.batch_size).unwrap_or(usize::MAX);
+        let wake = Wake {
+            pool: &self.pool,
+            channel: NOTIFY_CHANNEL,
+            poll_interval: self.poll_interval,
+            what: "outbox relay",
+        };
+        wake.drive(full, &shutdown, || self.relay_once()).await;
+    }
+}
+
+/// How a background step that drains a table is woken: by a NOTIFY on `channel` (sent by the
+/// transactions that fill the table, delivered on commit), and by a poll as a safety net.
+pub struct Wake<'a> {
+    pub pool: &'a PgPool,
+    pub channel: &'a str,
+    pub poll_interval: Duration,
+    /// Names the step in logs.
+    pub what: &'a str,
+}
+
+impl Wake<'_> {
+    /// Runs `step` until `shutdown`: again at once while it returns `full` (more is waiting),
+    /// else on the next wake-up; failures are retried with backoff. Once `shutdown` fires it
+    /// runs once more, so what committed before is handled, and returns.
+    pub async fn drive<F, Fut, E>(&self, full: usize, shutdown: &CancellationToken, mut step: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<usize, E>>,
+        E: std::fmt::Display,
+    {
+        let what = self.what;
+        let mut listener = match PgListener::connect_with(self.pool).await {
+            Ok(mut listener) => match listener.listen(self.channel).await {
                 Ok(()) => Some(listener),
                 Err(error) => {
-                    tracing::warn!(%error, "outbox LISTEN failed; polling only");
+                    tracing::warn!(%error, what, "LISTEN failed; polling only");
                     None
                 }
             },
             Err(error) => {
-                tracing::warn!(%error, "outbox LISTEN failed; polling only");
+                tracing::warn!(%error, what, "LISTEN failed; polling only");
                 None
             }
         };
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.relay_once().await {
-                Ok(n) if n as i64 == self.batch_size => continue,
+            match step().await {
+                Ok(n) if n == full => continue,
                 Ok(_) => backoff = Duration::from_millis(100),
                 Err(error) => {
-                    tracing::warn!(%error, ?backoff, "outbox relay failed; will retry");
+                    tracing::warn!(%error, what, ?backoff, "failed; will retry");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -308,7 +340,7 @@ impl OutboxRelay {
                         _ = wait => {}
                         notification = listener.recv() => {
                             if let Err(error) = notification {
-                                tracing::debug!(%error, "outbox listener interrupted");
+                                tracing::debug!(%error, what, "listener interrupted");
                             }
                         }
                     }

@@ -26,6 +26,7 @@ use crate::{
     ingest::Ingestor,
     metrics::Metrics,
     notify::{self, Hub},
+    sequencer::Sequencer,
     settings::Settings,
     side::{self, SideContext},
     store::Sink,
@@ -320,7 +321,19 @@ impl App {
                 }
             });
         }
-        background.spawn(relay.run(after_drain.clone()));
+        // The sequencer numbers the last batches' events once the consumers are done; the
+        // relay announces them after that.
+        let after_numbering = CancellationToken::new();
+        {
+            let sequencer = Sequencer::new(pool.clone(), sink.clone());
+            let stop = after_drain.clone();
+            let numbered = after_numbering.clone();
+            background.spawn(async move {
+                sequencer.run(stop).await;
+                numbered.cancel();
+            });
+        }
+        background.spawn(relay.run(after_numbering));
         {
             let stop = after_drain.clone();
             background.spawn(async move {

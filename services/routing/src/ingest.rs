@@ -112,7 +112,7 @@ pub struct Ingestor {
 pub struct BatchState {
     /// Shop settings, so a batch reads each shop once.
     shops: HashMap<String, ShopSettings>,
-    /// Employee events, numbered just before the batch commits ([`Sink::store_pending`]).
+    /// Employee events, stored just before the batch commits ([`Sink::store_pending`]).
     pub events: PendingEvents,
     /// What the batch's messages are matched against, read for all of them at once.
     lookups: Lookups,

@@ -16,6 +16,7 @@ pub mod consumer;
 pub mod ingest;
 pub mod metrics;
 pub mod notify;
+pub mod sequencer;
 pub mod settings;
 pub mod side;
 pub mod slots;

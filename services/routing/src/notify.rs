@@ -1,6 +1,6 @@
-//! Employee event streams. Events are stored per employee with a sequence number (in the
-//! same transaction as the change they report) and announced through RabbitMQ's notify
-//! exchange by the outbox, so any replica can serve any employee: each replica binds its own
+//! Employee event streams. Events are stored with the change they report, numbered per
+//! employee right after that commits ([`crate::sequencer`]) and announced through RabbitMQ's
+//! notify exchange by the outbox, so any replica can serve any employee: each replica binds its own
 //! transient queue and hands announcements to the local subscribers of that employee.
 //!
 //! A subscriber first gets what it missed (sequence > after_sequence) from PostgreSQL, then the

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use prost::Message as _;
-use shopctrl_amqp::{Names, OutboxBatch, OutboxMessage, outbox_enqueue};
+use shopctrl_amqp::{Names, OutboxMessage, outbox_enqueue};
 use shopctrl_proto::v1::{
     Channel, Conversation, ConversationState, Customer, Direction, EmployeeEvent, EmployeeRef,
     Message, MessageStatus, Notification, UnassignedReason, employee_event,
@@ -23,6 +23,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("outbox error: {0}")]
     Outbox(#[from] shopctrl_amqp::OutboxError),
+    #[error("stored employee event: {0}")]
+    Event(String),
+    #[error("trace headers: {0}")]
+    Headers(#[from] serde_json::Error),
 }
 
 impl StoreError {
@@ -30,7 +34,7 @@ impl StoreError {
         match self {
             StoreError::Database(error) => is_transient(error),
             StoreError::Outbox(shopctrl_amqp::OutboxError::Database(error)) => is_transient(error),
-            StoreError::Outbox(_) => false,
+            StoreError::Outbox(_) | StoreError::Event(_) | StoreError::Headers(_) => false,
         }
     }
 }
@@ -477,8 +481,8 @@ pub async fn list_messages(
 // ---------------------------------------------------------------------------------------------
 // Employee events and outbox
 
-/// Employee events gathered by a batch transaction, numbered and stored by
-/// [`Sink::store_pending`] just before it commits.
+/// Employee events gathered by a batch transaction, stored by [`Sink::store_pending`] just
+/// before it commits (and numbered by the sequencer after).
 #[derive(Debug, Default)]
 pub struct PendingEvents {
     events: Vec<PendingEvent>,
@@ -526,51 +530,25 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Stores an event for one employee under their next sequence number and queues its
-    /// notification (exchange notify, routing key `employee.<id>`) in the same transaction.
+    /// Stores an event for one employee, numbered (and announced) by the sequencer once the
+    /// caller's transaction committed.
     pub async fn employee_event(
         &self,
         conn: &mut PgConnection,
         employee_id: &str,
         shop_id: &str,
         event: employee_event::Event,
-    ) -> Result<u64, StoreError> {
-        let sequence: i64 = sqlx::query_scalar(
-            "insert into employee_sequences (employee_id, last_sequence) values ($1, 1)
-             on conflict (employee_id) do update
-                set last_sequence = employee_sequences.last_sequence + 1
-             returning last_sequence",
-        )
-        .bind(employee_id)
-        .fetch_one(&mut *conn)
-        .await?;
-        let sequence = u64::try_from(sequence).unwrap_or(0);
-        let employee_event = EmployeeEvent {
-            sequence,
-            employee_id: employee_id.to_owned(),
-            occurred_at: Some(to_timestamp(Utc::now())),
-            event: Some(event),
-        };
-        let bytes = employee_event.encode_to_vec();
-        sqlx::query(
-            "insert into employee_events (employee_id, sequence, shop_id, event) values ($1, $2, $3, $4)",
-        )
-        .bind(employee_id)
-        .bind(i64::try_from(sequence).unwrap_or(i64::MAX))
-        .bind(shop_id)
-        .bind(&bytes)
-        .execute(&mut *conn)
-        .await?;
-        self.notification(conn, shop_id, employee_id, sequence, bytes)
-            .await?;
-        Ok(sequence)
+    ) -> Result<(), StoreError> {
+        let mut pending = PendingEvents::default();
+        pending.push(employee_id, shop_id, event);
+        self.store_pending(conn, &mut pending).await
     }
 
-    /// Numbers and stores the events a batch gathered, then empties `pending`.
-    ///
-    /// The per-employee counter row stays locked until commit, so this runs last: all the
-    /// batch's counters in one statement, in employee order. Concurrent batches (one per shard)
-    /// then hold those locks for a moment instead of a whole batch, and cannot deadlock.
+    /// Stores the events a batch gathered, unnumbered, in one statement, and empties
+    /// `pending`. The sequencer ([`crate::sequencer`]) numbers them after commit, woken by
+    /// the notification this statement sends (delivered on commit only). Nothing here locks
+    /// an employee's counter, so shards with events for the same employee do not wait for
+    /// each other.
     pub async fn store_pending(
         &self,
         conn: &mut PgConnection,
@@ -580,86 +558,41 @@ impl Sink {
         if events.is_empty() {
             return Ok(());
         }
-        let mut counts: std::collections::BTreeMap<&str, i64> = Default::default();
-        for event in &events {
-            *counts.entry(event.employee_id.as_str()).or_default() += 1;
-        }
-        let (employees, amounts): (Vec<&str>, Vec<i64>) =
-            counts.iter().map(|(e, n)| (*e, *n)).unzip();
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "insert into employee_sequences (employee_id, last_sequence)
-             select employee_id, amount from unnest($1::text[], $2::bigint[]) as t(employee_id, amount)
-             order by employee_id
-             on conflict (employee_id) do update
-                set last_sequence = employee_sequences.last_sequence + excluded.last_sequence
-             returning employee_id, last_sequence",
-        )
-        .bind(&employees)
-        .bind(&amounts)
-        .fetch_all(&mut *conn)
-        .await?;
-        // The next number to hand out per employee: the first of the range just reserved.
-        let mut next: HashMap<String, i64> = HashMap::with_capacity(rows.len());
-        for (employee_id, last) in rows {
-            let amount = counts.get(employee_id.as_str()).copied().unwrap_or(0);
-            next.insert(employee_id, last - amount + 1);
-        }
-        let mut sequences = Vec::with_capacity(events.len());
         let mut employee_ids = Vec::with_capacity(events.len());
         let mut shop_ids = Vec::with_capacity(events.len());
         let mut stored = Vec::with_capacity(events.len());
-        let mut outbox = Vec::with_capacity(events.len());
+        let mut headers = Vec::with_capacity(events.len());
         for event in events {
-            let sequence = match next.get_mut(&event.employee_id) {
-                Some(n) => {
-                    *n += 1;
-                    *n - 1
+            stored.push(
+                EmployeeEvent {
+                    sequence: 0,
+                    employee_id: event.employee_id.clone(),
+                    occurred_at: Some(event.occurred_at),
+                    event: Some(event.event),
                 }
-                None => {
-                    return Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                        "no sequence was reserved for employee {}",
-                        event.employee_id
-                    ))));
-                }
-            };
-            let bytes = EmployeeEvent {
-                sequence: u64::try_from(sequence).unwrap_or(0),
-                employee_id: event.employee_id.clone(),
-                occurred_at: Some(event.occurred_at),
-                event: Some(event.event),
-            }
-            .encode_to_vec();
-            outbox.push(self.notification_message(
-                &event.shop_id,
-                &event.employee_id,
-                u64::try_from(sequence).unwrap_or(0),
-                bytes.clone(),
-                event.trace_headers,
-            ));
-            sequences.push(sequence);
+                .encode_to_vec(),
+            );
+            headers.push(serde_json::to_value(&event.trace_headers)?);
             employee_ids.push(event.employee_id);
             shop_ids.push(event.shop_id);
-            stored.push(bytes);
         }
-        // The events and their notifications in one statement: the sequence rows stay locked
-        // until commit, and other shards wait for them.
-        let sql = format!(
-            "with employee_rows as (
-                insert into employee_events (employee_id, sequence, shop_id, event)
-                select * from unnest($1::text[], $2::bigint[], $3::text[], $4::bytea[])
-             ), {} {}",
-            OutboxBatch::cte(5),
-            OutboxBatch::wake(5)
-        );
-        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(employee_ids)
-            .bind(sequences)
-            .bind(shop_ids)
-            .bind(stored);
-        OutboxBatch::new(&outbox)?
-            .bind(query)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "with stored as (
+                insert into employee_events_unnumbered (employee_id, shop_id, event, trace_headers)
+                select employee_id, shop_id, event, trace_headers
+                from unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[])
+                     with ordinality as e(employee_id, shop_id, event, trace_headers, ord)
+                order by ord
+             )
+             select pg_notify($5, '')",
+        )
+        .bind(employee_ids)
+        .bind(shop_ids)
+        .bind(stored)
+        .bind(headers)
+        .bind(crate::sequencer::WAKE_CHANNEL)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 
@@ -696,7 +629,7 @@ impl Sink {
 
     /// The outbox row announcing one stored employee event (or a shop-wide notice when
     /// `employee_id` is empty).
-    fn notification_message(
+    pub(crate) fn notification_message(
         &self,
         shop_id: &str,
         employee_id: &str,

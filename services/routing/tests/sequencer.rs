@@ -1,0 +1,137 @@
+//! Employee events are numbered after commit by the sequencer: consecutive per employee, each
+//! exactly once, in the order each producer committed them, with two sequencers racing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{Env, shop};
+use prost::Message as _;
+use shopctrl_proto::v1::{EmployeeEvent, Notification, SendFailedEvent, employee_event};
+use shopctrl_routing::{
+    sequencer::Sequencer,
+    store::{PendingEvents, Sink},
+};
+
+/// An event whose content says who produced it and in which order.
+fn marker(producer: usize, n: usize) -> employee_event::Event {
+    employee_event::Event::SendFailed(SendFailedEvent {
+        description: format!("{producer}:{n}"),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn events_are_numbered_consecutively_once_in_commit_order() {
+    let env = Env::prepare(shop(true, false), 1).await;
+    let sink = Sink {
+        names: env.names.clone(),
+    };
+    const PRODUCERS: usize = 4;
+    const BATCHES: usize = 25;
+    let employees = ["e1", "e2", "e3"];
+
+    // Producers commit batches concurrently, every batch with events for every employee,
+    // while two sequencers number what is committed.
+    let mut tasks = tokio::task::JoinSet::new();
+    for producer in 0..PRODUCERS {
+        let pool = env.pool.clone();
+        let sink = sink.clone();
+        tasks.spawn(async move {
+            for batch in 0..BATCHES {
+                let mut tx = pool.begin().await.unwrap();
+                let mut pending = PendingEvents::default();
+                for (i, employee) in employees.iter().enumerate() {
+                    pending.push(employee, "shop-1", marker(producer, batch * 10 + i));
+                }
+                sink.store_pending(&mut tx, &mut pending).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        });
+    }
+    let sequencers: Vec<Sequencer> = (0..2)
+        .map(|_| Sequencer::new(env.pool.clone(), sink.clone()))
+        .collect();
+    let racing: Vec<_> = sequencers
+        .iter()
+        .map(|s| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    s.number_once().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    for task in racing {
+        task.await.unwrap();
+    }
+    while sequencers[0].number_once().await.unwrap() > 0 {}
+
+    let total = PRODUCERS * BATCHES;
+    assert_eq!(
+        env.count("select count(*) from employee_events_unnumbered")
+            .await,
+        0
+    );
+    for employee in employees {
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "select sequence, event from employee_events where employee_id = $1 order by sequence",
+        )
+        .bind(employee)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+        let sequences: Vec<i64> = rows.iter().map(|(s, _)| *s).collect();
+        let expected: Vec<i64> = (1..=total as i64).collect();
+        assert_eq!(
+            sequences, expected,
+            "{employee}: consecutive from 1, each once"
+        );
+        // Each producer's events keep their commit order.
+        let mut last_seen: HashMap<String, usize> = HashMap::new();
+        for (sequence, bytes) in &rows {
+            let event = EmployeeEvent::decode(bytes.as_slice()).unwrap();
+            assert_eq!(
+                event.sequence, *sequence as u64,
+                "the stored event carries its number"
+            );
+            let Some(employee_event::Event::SendFailed(marker)) = event.event else {
+                panic!("unexpected event");
+            };
+            let (producer, n) = marker.description.split_once(':').unwrap();
+            let n: usize = n.parse().unwrap();
+            if let Some(previous) = last_seen.insert(producer.to_owned(), n) {
+                assert!(previous < n, "{employee}: producer {producer} out of order");
+            }
+        }
+        let latest: i64 = sqlx::query_scalar(
+            "select last_sequence from employee_sequences where employee_id = $1",
+        )
+        .bind(employee)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        assert_eq!(latest, total as i64);
+    }
+    // One announcement per event, carrying the same number.
+    let payloads: Vec<Vec<u8>> =
+        sqlx::query_scalar("select payload from outbox where routing_key like 'employee.%'")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(payloads.len(), total * employees.len());
+    let mut announced: HashMap<(String, u64), usize> = HashMap::new();
+    for payload in payloads {
+        let n = Notification::decode(payload.as_slice()).unwrap();
+        let event = EmployeeEvent::decode(n.employee_event.as_slice()).unwrap();
+        assert_eq!(n.sequence, event.sequence);
+        *announced.entry((n.employee_id, n.sequence)).or_default() += 1;
+    }
+    assert!(announced.values().all(|&count| count == 1));
+}
