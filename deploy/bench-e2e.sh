@@ -108,6 +108,9 @@ echo
 echo "## End-to-end benchmark $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(uname -r)), load avg before: $LOAD_BEFORE"
 echo "workload: $SHOPS shops, $AGENTS agents each working for every shop, 1 in 5 webhooks starts a WhatsApp conversation, ROUTING_SHARDS=$ROUTING_SHARDS"
 printf '| measure | value |\n|---|---|\n'
+printf '| cold start: each shop'"'"'s first conversation, webhook → assignment recorded, p50 / max (ms) | %s / %s (%s of %s assigned) |\n' \
+  "$(j "['cold_start']['webhook_to_assignment_ms']['p50']")" "$(j "['cold_start']['webhook_to_assignment_ms']['max']")" \
+  "$(j "['cold_start']['assigned']")" "$(j "['cold_start']['conversations']")"
 printf '| latency phase: offered | %s/s for %ss, %s sent, %s refused |\n' "$RATE" "$SECONDS_PER_PHASE" "$(j "['latency_phase']['sent']")" "$(j "['latency_phase']['refused']")"
 printf '| webhook → assignment recorded, p50 / p99 / max (ms) | %s / **%s** / %s (%s of %s conversations assigned) |\n' \
   "$(j "['latency_phase']['webhook_to_assignment_ms']['p50']")" "$(j "['latency_phase']['webhook_to_assignment_ms']['p99']")" \
