@@ -321,12 +321,13 @@ impl App {
                 }
             });
         }
-        // The sequencer numbers the last batches' events once the consumers are done; the
+        // The sequencer numbers the last events once the consumers and the API are done; the
         // relay announces them after that.
+        let after_serving = CancellationToken::new();
         let after_numbering = CancellationToken::new();
         {
             let sequencer = Sequencer::new(pool.clone(), sink.clone());
-            let stop = after_drain.clone();
+            let stop = after_serving.clone();
             let numbered = after_numbering.clone();
             background.spawn(async move {
                 sequencer.run(stop).await;
@@ -400,15 +401,17 @@ impl App {
             consumers.abort_all();
         }
         after_drain.cancel();
+        // The API's last calls may still store events: the sequencer's last pass waits for it.
+        let result = match tokio::time::timeout(Duration::from_secs(5), grpc_task).await {
+            Ok(Ok(result)) => result.map_err(RunError::from),
+            _ => Ok(()),
+        };
+        after_serving.cancel();
         let _ = wait_with_grace(
             async { while background.join_next().await.is_some() {} },
             Duration::from_secs(5),
         )
         .await;
-        let result = match tokio::time::timeout(Duration::from_secs(5), grpc_task).await {
-            Ok(Ok(result)) => result.map_err(RunError::from),
-            _ => Ok(()),
-        };
         pool.close().await;
         tracing::info!("routing stopped");
         result

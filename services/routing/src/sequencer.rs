@@ -45,15 +45,25 @@ impl Sequencer {
         }
     }
 
-    /// One numbering transaction; returns how many events it numbered.
-    pub async fn number_once(&self) -> Result<usize, StoreError> {
+    /// One numbering transaction; returns how many events it numbered. Without `wait` it
+    /// gives up at once when another sequencer holds the lock (that one numbers these events
+    /// too): a replica shutting down does not wait for another.
+    pub async fn number_once(&self, wait: bool) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await?;
         // Its own statement, before the read: the read's snapshot must be taken after the
         // previous holder committed, or it would see events that holder already numbered.
-        sqlx::query("select pg_advisory_xact_lock($1)")
-            .bind(SEQUENCER_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        let locked: bool = sqlx::query_scalar(if wait {
+            "select pg_advisory_xact_lock($1) is not null"
+        } else {
+            "select pg_try_advisory_xact_lock($1)"
+        })
+        .bind(SEQUENCER_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !locked {
+            tx.rollback().await?;
+            return Ok(0);
+        }
         let rows = sqlx::query(
             "select u.id, u.employee_id, u.shop_id, u.event, u.trace_headers,
                     coalesce(s.last_sequence, 0) as last_sequence
@@ -146,6 +156,9 @@ impl Sequencer {
             what: "employee event sequencer",
         };
         let full = usize::try_from(BATCH).unwrap_or(usize::MAX);
-        wake.drive(full, &shutdown, || self.number_once()).await;
+        wake.drive(full, &shutdown, || {
+            self.number_once(!shutdown.is_cancelled())
+        })
+        .await;
     }
 }

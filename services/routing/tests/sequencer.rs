@@ -59,7 +59,7 @@ async fn events_are_numbered_consecutively_once_in_commit_order() {
             let s = s.clone();
             tokio::spawn(async move {
                 for _ in 0..50 {
-                    s.number_once().await.unwrap();
+                    s.number_once(true).await.unwrap();
                     tokio::task::yield_now().await;
                 }
             })
@@ -71,7 +71,7 @@ async fn events_are_numbered_consecutively_once_in_commit_order() {
     for task in racing {
         task.await.unwrap();
     }
-    while sequencers[0].number_once().await.unwrap() > 0 {}
+    while sequencers[0].number_once(true).await.unwrap() > 0 {}
 
     let total = PRODUCERS * BATCHES;
     assert_eq!(

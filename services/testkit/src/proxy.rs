@@ -46,11 +46,15 @@ impl TcpProxy {
                         accepted = listener.accept() => accepted,
                     };
                     let Ok((client, _)) = accepted else { continue };
-                    if !up.load(Ordering::SeqCst) {
-                        drop(client);
-                        continue;
-                    }
-                    let cut = generation.lock().map(|g| g.clone()).unwrap_or_default();
+                    // Checked under the lock `cut` holds: a connection accepted during a cut
+                    // is refused, never given the next generation's token.
+                    let cut = match generation.lock() {
+                        Ok(g) if up.load(Ordering::SeqCst) => g.clone(),
+                        _ => {
+                            drop(client);
+                            continue;
+                        }
+                    };
                     let target = target.clone();
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(&target).await else {
@@ -61,8 +65,12 @@ impl TcpProxy {
                         tokio::select! {
                             biased;
                             _ = cut.cancelled() => {}
-                            _ = forward(client_read, server_write, &cut) => {}
-                            _ = forward(server_read, client_write, &cut) => {}
+                            _ = async {
+                                tokio::join!(
+                                    forward(client_read, server_write, &cut),
+                                    forward(server_read, client_write, &cut)
+                                )
+                            } => {}
                         }
                     });
                 }
@@ -83,8 +91,9 @@ impl TcpProxy {
 
     /// Drops all open connections and refuses new ones.
     pub fn cut(&self) {
+        let generation = self.generation.lock();
         self.up.store(false, Ordering::SeqCst);
-        if let Ok(mut g) = self.generation.lock() {
+        if let Ok(mut g) = generation {
             g.cancel();
             *g = CancellationToken::new();
         }
@@ -92,11 +101,13 @@ impl TcpProxy {
 
     /// Accepts connections again.
     pub fn restore(&self) {
+        let _generation = self.generation.lock();
         self.up.store(true, Ordering::SeqCst);
     }
 }
 
-/// Copies one direction until either side closes. The cut is checked after every read, before
+/// Copies one direction until its reader closes, then closes the writer's side (a half-close
+/// passes through; the other direction goes on). The cut is checked after every read, before
 /// the write: bytes written after a cut (an ack sent right after the commit hook cut the
 /// broker) are read only after the cut was made, so they are dropped, never forwarded, even
 /// when the writer runs on another thread than this task.
@@ -104,7 +115,10 @@ async fn forward(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, cut: &Cancella
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         let read = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
             Ok(read) => read,
         };
         if cut.is_cancelled() {

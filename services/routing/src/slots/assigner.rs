@@ -11,7 +11,7 @@ use sqlx::Row;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::{ClaimKind, SlotError, SlotService};
+use super::{Assignment, ClaimKind, SlotError, SlotService};
 use crate::assign::{AssignError, Assigned, Assigner};
 
 impl From<SlotError> for AssignError {
@@ -235,38 +235,64 @@ impl Assigner for SlotAssigner {
             // conversation), with whether each shop's slot copy is behind its settings.
             let ids: Vec<Uuid> = waiting.iter().map(|(id, _)| *id).collect();
             let loaded = self.svc.load_waiting(&ids).await?;
-            let mut behind: Vec<&str> = loaded
+            let mut behind: Vec<String> = loaded
                 .iter()
                 .filter(|(_, behind)| *behind)
-                .map(|(conv, _)| conv.shop_id.as_str())
+                .map(|(conv, _)| conv.shop_id.clone())
                 .collect();
             behind.sort_unstable();
             behind.dedup();
-            for shop in &behind {
-                self.sync_shop(shop, false).await?;
+            // A shop whose sync fails keeps its conversations waiting for the retry; the other
+            // shops' conversations are claimed meanwhile.
+            let mut unavailable = None;
+            let mut failed = Vec::new();
+            for shop in behind {
+                if let Err(error) = self.sync_shop(&shop, false).await {
+                    unavailable = Some(AssignError::from(error));
+                    failed.push(shop);
+                }
             }
             let mut spans: std::collections::HashMap<Uuid, tracing::Span> =
                 waiting.into_iter().collect();
-            let claims = loaded.into_iter().map(|(conv, shop_behind)| {
-                let span = spans.remove(&conv.id).unwrap_or_else(tracing::Span::none);
-                // A shop just synced may have changed what the claim reads: read again.
-                let id = conv.id;
-                let conv = (!shop_behind).then_some(conv);
-                self.svc
-                    .assign_loaded(id, conv, ClaimKind::Auto)
+            let claims = loaded
+                .into_iter()
+                .filter(|(conv, _)| !failed.contains(&conv.shop_id))
+                .map(|(conv, shop_behind)| {
+                    let span = spans.remove(&conv.id).unwrap_or_else(tracing::Span::none);
+                    let (id, shop) = (conv.id, conv.shop_id.clone());
+                    // A shop just synced may have changed what the claim reads: read again.
+                    let conv = (!shop_behind).then_some(conv);
+                    async move {
+                        let result = self
+                            .svc
+                            .assign_loaded(id, conv, ClaimKind::Auto, false)
+                            .await;
+                        (shop, result)
+                    }
                     .instrument(span)
-            });
+                });
             let results: Vec<_> = futures::stream::iter(claims)
                 .buffer_unordered(CONCURRENT_CLAIMS)
                 .collect()
                 .await;
-            let mut unavailable = None;
-            for result in results {
-                match result.map_err(AssignError::from) {
+            // Each shop's waiting reason once for the batch: the last refusal's.
+            let mut reasons = std::collections::BTreeMap::new();
+            for (shop, result) in results {
+                match result {
+                    Ok(Assignment::Waiting { reason }) => {
+                        reasons.insert(shop, reason);
+                    }
                     Ok(_) => {}
-                    Err(error @ AssignError::Unavailable(_)) => unavailable = Some(error),
-                    // An answer, not an outage: the conversation stays in the queue.
-                    Err(error) => tracing::warn!(%error, "claim refused"),
+                    Err(error) => match AssignError::from(error) {
+                        error @ AssignError::Unavailable(_) => unavailable = Some(error),
+                        // An answer, not an outage: the conversation stays in the queue.
+                        error => tracing::warn!(%error, "claim refused"),
+                    },
+                }
+            }
+            for (shop, reason) in reasons {
+                if let Err(error) = self.svc.set_reason(&shop, reason).await {
+                    unavailable = Some(error.into());
                 }
             }
             unavailable.map_or(Ok(()), Err)

@@ -2,11 +2,7 @@
 //! log, stickiness), Redis follows it. Every claim is pending in Redis, committed in
 //! PostgreSQL (fenced on the Redis epoch), then confirmed; a failed commit gives the slot back.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::HashSet, time::Duration};
 
 use prost::Message as _;
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -146,15 +142,7 @@ pub struct SlotService {
     engine: SlotEngine,
     settings: SlotSettings,
     metrics: SlotMetrics,
-    /// The waiting reason this replica last wrote per shop, and when.
-    reasons_written: Arc<tokio::sync::Mutex<HashMap<String, (UnassignedReason, Instant)>>>,
 }
-
-/// How long a waiting reason this replica wrote is trusted without asking PostgreSQL again.
-/// Another replica may write a different one meanwhile; the shown reason then lags by at most
-/// this long. Refused claims come in bursts (every message of every waiting conversation), so
-/// this saves a statement on nearly all of them.
-const REASON_TRUSTED_FOR: Duration = Duration::from_secs(1);
 
 impl SlotService {
     pub fn new(
@@ -168,7 +156,6 @@ impl SlotService {
             engine,
             settings,
             metrics,
-            reasons_written: Arc::default(),
         }
     }
 
@@ -427,16 +414,19 @@ impl SlotService {
     /// conversation is now. The shop's waiting conversations get the reason when nobody is
     /// available.
     pub async fn assign_waiting(&self, id: Uuid, kind: ClaimKind) -> Result<Assignment, SlotError> {
-        self.assign_loaded(id, None, kind).await
+        self.assign_loaded(id, None, kind, true).await
     }
 
     /// [`SlotService::assign_waiting`] with the conversation already read (`loaded`, used for
-    /// the first attempt; later attempts read it again).
+    /// the first attempt; later attempts read it again). Without `write_reason` a refusal
+    /// only answers the reason: the caller writes it ([`SlotService::set_reason`]), once for
+    /// many claims of the same shop.
     pub async fn assign_loaded(
         &self,
         id: Uuid,
         mut loaded: Option<Conv>,
         kind: ClaimKind,
+        write_reason: bool,
     ) -> Result<Assignment, SlotError> {
         for _ in 0..CLAIM_ATTEMPTS {
             let conv = match loaded.take() {
@@ -459,7 +449,9 @@ impl SlotService {
             {
                 ClaimOutcome::Rebuild => self.ensure_rebuilt().await?,
                 ClaimOutcome::Unassigned { reason, .. } => {
-                    self.set_reason(&conv.shop_id, reason).await?;
+                    if write_reason {
+                        self.set_reason(&conv.shop_id, reason).await?;
+                    }
                     return Ok(Assignment::Waiting { reason });
                 }
                 ClaimOutcome::Existing {
@@ -727,15 +719,11 @@ impl SlotService {
     /// property of the shop, not of the conversation. So the reason is one row per shop
     /// (read through [`crate::store::UNASSIGNED_REASON_SQL`]), written only when it changes, instead of a
     /// rewrite of the whole queue after every refused claim.
-    async fn set_reason(&self, shop_id: &str, reason: UnassignedReason) -> Result<(), SlotError> {
-        // Held across the write, so the memo and the table change in the same order.
-        let mut written = self.reasons_written.lock().await;
-        if written
-            .get(shop_id)
-            .is_some_and(|(last, at)| *last == reason && at.elapsed() < REASON_TRUSTED_FOR)
-        {
-            return Ok(());
-        }
+    pub async fn set_reason(
+        &self,
+        shop_id: &str,
+        reason: UnassignedReason,
+    ) -> Result<(), SlotError> {
         // Writes only when the reason changed: an upsert whose update is skipped still locks
         // the row, which costs a transaction id and a WAL flush on every refused claim.
         sqlx::query(
@@ -752,7 +740,6 @@ impl SlotService {
         .bind(reason.as_str())
         .execute(&self.pool)
         .await?;
-        written.insert(shop_id.to_owned(), (reason, Instant::now()));
         Ok(())
     }
 
