@@ -29,6 +29,7 @@ KNOWN_METRICS = {
     "flow_callback_deliveries_total",
     "flow_callback_dead_lettered_total",
     "outbox_pending",
+    "routing_employee_events_unnumbered",
     "amqp_consumer_dead_lettered_total",
     "rabbitmq_queue_messages_ready",
     "up",

@@ -305,14 +305,20 @@ impl App {
         let relay = OutboxRelay::new(pool.clone(), publisher)
             .with_announcement_exchanges(vec![names.notify_exchange()])
             .with_poll_interval(Duration::from_millis(200));
+        let sequencer = Sequencer::new(pool.clone(), sink.clone());
         {
             let relay = relay.clone();
-            let gauge = metrics.outbox_pending.clone();
+            let sequencer = sequencer.clone();
+            let outbox_gauge = metrics.outbox_pending.clone();
+            let unnumbered_gauge = metrics.employee_events_unnumbered.clone();
             let stop = after_drain.clone();
             background.spawn(async move {
                 loop {
                     if let Ok(pending) = relay.pending().await {
-                        gauge.set(pending);
+                        outbox_gauge.set(pending);
+                    }
+                    if let Ok(pending) = sequencer.pending().await {
+                        unnumbered_gauge.set(pending);
                     }
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -326,7 +332,6 @@ impl App {
         let after_serving = CancellationToken::new();
         let after_numbering = CancellationToken::new();
         {
-            let sequencer = Sequencer::new(pool.clone(), sink.clone());
             let stop = after_serving.clone();
             let numbered = after_numbering.clone();
             background.spawn(async move {

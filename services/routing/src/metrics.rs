@@ -25,6 +25,7 @@ pub struct Metrics {
     dead_lettered: Family<QueueLabel, Counter>,
     commit_latency: Histogram,
     pub outbox_pending: Gauge,
+    pub employee_events_unnumbered: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -58,11 +59,18 @@ impl Metrics {
             "Outbox events not yet published",
             outbox_pending.clone(),
         );
+        let employee_events_unnumbered = Gauge::default();
+        registry.register(
+            "routing_employee_events_unnumbered",
+            "Employee events committed but not yet numbered by the sequencer",
+            employee_events_unnumbered.clone(),
+        );
         Self {
             events,
             dead_lettered,
             commit_latency,
             outbox_pending,
+            employee_events_unnumbered,
             registry: Arc::new(registry),
         }
     }

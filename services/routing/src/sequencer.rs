@@ -146,6 +146,14 @@ impl Sequencer {
         Ok(rows.len())
     }
 
+    /// Events committed but not numbered yet (for the `routing_employee_events_unnumbered`
+    /// gauge).
+    pub async fn pending(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("select count(*) from employee_events_unnumbered")
+            .fetch_one(&self.pool)
+            .await
+    }
+
     /// Numbers until `shutdown`, woken by commits that stored events (LISTEN/NOTIFY) and by a
     /// poll as a safety net; on shutdown it numbers what is left once more before returning.
     pub async fn run(self, shutdown: CancellationToken) {

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{Env, shop};
+use common::{Env, eventually, shop};
 use prost::Message as _;
 use shopctrl_proto::v1::{EmployeeEvent, Notification, SendFailedEvent, employee_event};
 use shopctrl_routing::{
@@ -134,4 +134,34 @@ async fn events_are_numbered_consecutively_once_in_commit_order() {
         *announced.entry((n.employee_id, n.sequence)).or_default() += 1;
     }
     assert!(announced.values().all(|&count| count == 1));
+}
+
+/// Operators see events waiting for the sequencer: a row no sequencer can decode (only
+/// corruption could make one) stays, and the gauge counts it.
+#[tokio::test]
+async fn events_waiting_for_numbers_show_in_the_metrics() {
+    let mut env = Env::prepare(shop(true, false), 1).await;
+    sqlx::query(
+        "insert into employee_events_unnumbered (employee_id, shop_id, event)
+         values ('e1', 'shop-1', '\\xff'::bytea)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let service = env.spawn(None, None).await;
+    let url = format!("http://{}/metrics", service.ops);
+    env.services.push(service);
+    eventually(20, "the gauge to count the waiting event", || async {
+        let body = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        body.lines()
+            .any(|line| line == "routing_employee_events_unnumbered 1")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        env.count("select count(*) from employee_events").await,
+        0,
+        "nothing was numbered from it"
+    );
+    env.stop_all().await;
 }
