@@ -69,6 +69,22 @@ enum Command {
         #[arg(long)]
         out_dir: std::path::PathBuf,
     },
+    /// Send pre-signed requests (from `load-files`) at a fixed rate, open loop, and print the
+    /// latencies as JSON.
+    Rate {
+        /// The webhook URL, e.g. http://127.0.0.1:8080/webhooks/messagebird/<shop>.
+        #[arg(long)]
+        url: String,
+        /// A directory `load-files` wrote.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 5000)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1000)]
+        max_in_flight: usize,
+    },
 }
 
 #[tokio::main]
@@ -76,6 +92,17 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => shopctrl_e2e::demo::run(args).await?,
         Command::Bench(args) => shopctrl_e2e::bench::run(args).await?,
+        Command::Rate {
+            url,
+            dir,
+            rate,
+            seconds,
+            max_in_flight,
+        } => {
+            let report =
+                shopctrl_e2e::load::fixed_rate(&url, &dir, rate, seconds, max_in_flight).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
         Command::Send {
             ingress_url,
             public_base,
