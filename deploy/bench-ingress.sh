@@ -95,9 +95,9 @@ metric() { # name pattern -> value (0 when absent)
 to_ms() { # wrk latency like 320.00us / 4.30ms / 1.02s
   awk -v x="$1" 'BEGIN { n = x + 0; if (x ~ /us$/) n /= 1000; else if (x ~ /ms$/) n = n; else if (x ~ /s$/) n *= 1000; printf "%.2f", n }'
 }
-run_wrk() { # label dir url connections delay_ms
-  local label=$1 dir=$2 url=$3 conns=$4 delay=${5:-0}
-  BENCH_DIR=$dir BENCH_PATH=$PATH_ BENCH_THREADS=$THREADS BENCH_DELAY_MS=$delay \
+run_wrk() { # label dir url connections
+  local label=$1 dir=$2 url=$3 conns=$4
+  BENCH_DIR=$dir BENCH_PATH=$PATH_ BENCH_THREADS=$THREADS \
     wrk -t"$THREADS" -c"$conns" -d"${DURATION}s" --latency -s deploy/bench/ingress-wrk.lua "$url" >"$WORK/$label.wrk"
   local rps p50 p99 non2xx
   rps=$(awk '/^Requests\/sec:/ { printf "%d", $2 }' "$WORK/$label.wrk")

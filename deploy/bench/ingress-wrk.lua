@@ -1,7 +1,7 @@
 -- wrk script of deploy/bench-ingress.sh: every request is a genuine MessageBird webhook with
 -- its own pre-signed JWT (unique jti), read from files written by `ingress-bench gen`.
 -- Environment: BENCH_DIR (bodies.txt, tokens.txt), BENCH_PATH (request path),
--- BENCH_THREADS (wrk -t), BENCH_DELAY_MS (optional think time per request, for fixed-rate runs).
+-- BENCH_THREADS (wrk -t).
 
 local thread_counter = 0
 function setup(thread)
@@ -42,11 +42,4 @@ function request()
     ["Content-Type"] = "application/json",
     ["MessageBird-Signature-JWT"] = tokens[position],
   }, bodies[index[position]])
-end
-
-local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
-if delay_ms > 0 then
-  function delay()
-    return delay_ms
-  end
 end
