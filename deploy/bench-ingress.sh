@@ -40,6 +40,9 @@ cleanup() {
   if [[ -x "${BIN:-}/ingress-bench" ]]; then
     "$BIN/ingress-bench" teardown --amqp-url "$AMQP_URL" --prefix "$PREFIX" >/dev/null 2>&1 || true
   fi
+  # The replay memory's keys (one per signed request, kept for the token's lifetime).
+  redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" 2>/dev/null \
+    | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT

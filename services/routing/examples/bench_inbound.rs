@@ -35,7 +35,7 @@ use shopctrl_routing::{
     migrate,
     settings::Redacted,
 };
-use shopctrl_testkit::{TestAmqp, TestDatabase};
+use shopctrl_testkit::{TestAmqp, TestDatabase, TestRedis};
 use tokio_util::sync::CancellationToken;
 
 const SHOP: &str = "bench-shop";
@@ -231,6 +231,8 @@ async fn main() {
     let shard_count = ShardCount::new(shards).unwrap();
     let db = TestDatabase::create().await;
     let amqp = TestAmqp::create().await;
+    // The slot keys under a prefix of their own, deleted at the end like the database.
+    let redis = TestRedis::create().await;
     let names = Names::new(amqp.prefix());
     for name in [
         names.inbound_exchange(),
@@ -322,6 +324,8 @@ async fn main() {
     settings.amqp_prefix = amqp.prefix().to_owned();
     settings.routing_shards = shards;
     settings.routing_batch_size = batch;
+    settings.slots.redis_url = redis.url().to_owned();
+    settings.slots.slots_key_prefix = redis.prefix().to_owned();
     settings.grpc_listen_addr = "127.0.0.1:0".parse().unwrap();
     settings.ops_listen_addr = "127.0.0.1:0".parse().unwrap();
     migrate(&settings).await.unwrap();

@@ -24,7 +24,7 @@ use shopctrl_proto::v1::{
 use shopctrl_routing::{
     App, Overrides, Settings, consumer::CommitHook, migrate, settings::Redacted,
 };
-use shopctrl_testkit::{TestAmqp, TestDatabase};
+use shopctrl_testkit::{TestAmqp, TestDatabase, TestRedis};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, transport::Channel as GrpcChannel};
@@ -147,6 +147,8 @@ impl Service {
 pub struct Env {
     pub db: TestDatabase,
     pub amqp: TestAmqp,
+    /// The slot keys' prefix, deleted with the Env.
+    pub redis: TestRedis,
     pub names: Names,
     pub config: FakeConfig,
     pub config_url: String,
@@ -170,6 +172,7 @@ impl Env {
         shopctrl_testkit::init_logging();
         let db = TestDatabase::create().await;
         let amqp = TestAmqp::create().await;
+        let redis = TestRedis::create().await;
         let names = Names::new(amqp.prefix());
         let config = FakeConfig::default();
         config.put(shop);
@@ -195,7 +198,7 @@ impl Env {
         let publisher = Publisher::connect(amqp.url(), "routing tests", Duration::from_secs(10))
             .await
             .unwrap();
-        let settings = Self::settings_for(&db, &amqp, &config_url, shards, amqp.url());
+        let settings = Self::settings_for(&db, &amqp, &redis, &config_url, shards, amqp.url());
         migrate(&settings).await.unwrap();
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
@@ -205,6 +208,7 @@ impl Env {
         Self {
             db,
             amqp,
+            redis,
             names,
             config,
             config_url,
@@ -218,6 +222,7 @@ impl Env {
     fn settings_for(
         db: &TestDatabase,
         amqp: &TestAmqp,
+        redis: &TestRedis,
         config_url: &str,
         shards: u32,
         amqp_url: &str,
@@ -236,6 +241,8 @@ impl Env {
             "shopctrl=test-shopctrl-token,ingress=test-ingress-token",
         ));
         settings.shutdown_grace_seconds = 10;
+        settings.slots.redis_url = redis.url().to_owned();
+        settings.slots.slots_key_prefix = redis.prefix().to_owned();
         settings
     }
 
@@ -254,6 +261,7 @@ impl Env {
         let mut settings = Self::settings_for(
             &self.db,
             &self.amqp,
+            &self.redis,
             &self.config_url,
             u32::from(self.shards.get()),
             amqp_url.unwrap_or(self.amqp.url()),
