@@ -259,16 +259,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cold_assigned = wait_assigned(&pool, &cold_starts, Duration::from_secs(60)).await?;
-    let mut cold: Vec<f64> = cold_starts
-        .iter()
-        .filter_map(|(id, sent)| {
-            let at = cold_assigned.get(id)?;
-            at.duration_since(*sent)
-                .ok()
-                .map(|d| d.as_secs_f64() * 1000.0)
-        })
-        .collect();
-    cold.sort_by(f64::total_cmp);
+    let cold = latencies_ms(&cold_starts, &cold_assigned);
     let mut workload = Workload {
         shops: shops.len(),
         open: Vec::new(),
@@ -308,16 +299,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let starts: HashMap<String, SystemTime> =
         started_at.lock().map(|m| m.clone()).unwrap_or_default();
     let assigned = wait_assigned(&pool, &starts, Duration::from_secs(60)).await?;
-    let mut latencies: Vec<f64> = starts
-        .iter()
-        .filter_map(|(id, sent)| {
-            let at = assigned.get(id)?;
-            at.duration_since(*sent)
-                .ok()
-                .map(|d| d.as_secs_f64() * 1000.0)
-        })
-        .collect();
-    latencies.sort_by(f64::total_cmp);
+    let latencies = latencies_ms(&starts, &assigned);
     let phase1_refused = refused.lock().map(|n| *n).unwrap_or(0);
 
     // Phase 2: as fast as the stack takes them, `concurrency` in flight.
@@ -449,6 +431,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     });
     println!("{report}");
     Ok(())
+}
+
+/// Milliseconds from each send to its assignment, sorted (conversations never assigned are
+/// left out; the report counts them).
+fn latencies_ms(
+    sent: &HashMap<String, SystemTime>,
+    assigned: &HashMap<String, SystemTime>,
+) -> Vec<f64> {
+    let mut latencies: Vec<f64> = sent
+        .iter()
+        .filter_map(|(id, sent)| {
+            let at = assigned.get(id)?;
+            at.duration_since(*sent)
+                .ok()
+                .map(|d| d.as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    latencies
 }
 
 /// First assignment time per started MessageBird conversation, waiting until all are assigned.

@@ -222,14 +222,13 @@ struct Notice {
 }
 
 /// The batch's lookups ([`Ingestor::prefetch`]) and the keys an earlier event of the batch
-/// changed: a message whose keys were touched is looked up again on its own, so it sees what
-/// the earlier events wrote.
+/// changed: a message whose conversation or customer was touched is looked up again on its
+/// own, so it sees what the earlier events wrote. (A message the batch already wrote is
+/// answered from [`Deferred`]'s `written`.)
 #[derive(Debug, Default)]
 struct Lookups {
     /// By (shop, MessageBird message id).
     rows: HashMap<(String, String), PgRow>,
-    /// (shop, MessageBird message id) stored or updated by this batch.
-    messages: HashSet<(String, String)>,
     /// (shop, MessageBird conversation id) whose conversation this batch created or reopened.
     conversations: HashSet<(String, String)>,
     /// (shop, customer key) created by this batch.
@@ -517,11 +516,10 @@ impl Ingestor {
                 .customers
                 .contains(&(shop.shop_id.clone(), k.to_owned()))
         });
-        let prefetched = lookups.rows.remove(&message_key).filter(|_| {
-            !lookups.messages.contains(&message_key)
-                && !lookups.conversations.contains(&conversation_key)
-                && !customer_touched
-        });
+        let prefetched = lookups
+            .rows
+            .remove(&message_key)
+            .filter(|_| !lookups.conversations.contains(&conversation_key) && !customer_touched);
         let lookup = match prefetched {
             Some(row) => row,
             None => lookup(
@@ -540,7 +538,6 @@ impl Ingestor {
             .next()
             .ok_or_else(|| IngestError::Failed("the lookup returned no row".into()))?,
         };
-        lookups.messages.insert(message_key.clone());
 
         // A message we already have (redelivery, MessageBird retry, or message.updated): only
         // the status may move, and only forward.
