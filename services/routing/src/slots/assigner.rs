@@ -5,10 +5,9 @@
 //! shop is synced whenever its settings version or fetch time moved since the last sync, and
 //! on every capacity change or withdrawal the seam reports.
 
-use futures::{StreamExt as _, future::BoxFuture};
+use futures::future::BoxFuture;
 use shopctrl_proto::v1::{HandoverRequest, Presence};
 use sqlx::Row;
-use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{Assignment, ClaimKind, SlotError, SlotService};
@@ -27,12 +26,6 @@ impl From<SlotError> for AssignError {
         }
     }
 }
-
-/// How many waiting conversations are claimed for at the same time. Claims of different
-/// conversations are independent (the script decides atomically), and one claim is several
-/// round trips to Redis and PostgreSQL, so running them one by one would cap a shard at a few
-/// hundred assignments per second.
-const CONCURRENT_CLAIMS: usize = 8;
 
 /// [`Assigner`] with atomic slot claims.
 pub struct SlotAssigner {
@@ -254,27 +247,24 @@ impl Assigner for SlotAssigner {
             }
             let mut spans: std::collections::HashMap<Uuid, tracing::Span> =
                 waiting.into_iter().collect();
+            let mut shops = std::collections::HashMap::new();
             let claims = loaded
                 .into_iter()
                 .filter(|(conv, _)| !failed.contains(&conv.shop_id))
                 .map(|(conv, shop_behind)| {
                     let span = spans.remove(&conv.id).unwrap_or_else(tracing::Span::none);
-                    let (id, shop) = (conv.id, conv.shop_id.clone());
+                    shops.insert(conv.id, conv.shop_id.clone());
                     // A shop just synced may have changed what the claim reads: read again.
-                    let conv = (!shop_behind).then_some(conv);
-                    async move {
-                        let result = self
-                            .svc
-                            .assign_loaded(id, conv, ClaimKind::Auto, false)
-                            .await;
-                        (shop, result)
-                    }
-                    .instrument(span)
-                });
-            let results: Vec<_> = futures::stream::iter(claims)
-                .buffer_unordered(CONCURRENT_CLAIMS)
-                .collect()
-                .await;
+                    (conv.id, (!shop_behind).then_some(conv), span)
+                })
+                .collect();
+            let results: Vec<_> = self
+                .svc
+                .assign_many(claims, ClaimKind::Auto)
+                .await
+                .into_iter()
+                .filter_map(|(id, result)| Some((shops.remove(&id)?, result)))
+                .collect();
             // Each shop's waiting reason once for the batch: the last refusal's.
             let mut reasons = std::collections::BTreeMap::new();
             for (shop, result) in results {

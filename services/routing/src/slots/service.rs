@@ -4,9 +4,11 @@
 
 use std::{collections::HashSet, time::Duration};
 
+use futures::StreamExt as _;
 use prost::Message as _;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use shopctrl_amqp::{OutboxMessage, outbox_enqueue};
@@ -16,6 +18,11 @@ use super::{
     AssignOutcome, ClaimOutcome, Claimed, RebuildStart, ReleaseMode, ReleaseOutcome, SlotEngine,
     SlotError, SlotMetrics, UnassignedReason,
 };
+
+/// How many claims run at the same time. Claims of different conversations are independent
+/// (the script decides atomically), and each is a round trip or more, so running them one by
+/// one would cap a shard at a few hundred assignments per second.
+pub(crate) const CONCURRENT_CLAIMS: usize = 8;
 
 /// How an automatic claim came about (the assignment log's kind).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -490,6 +497,171 @@ impl SlotService {
             }
         }
         Err(SlotError::Rebuilding)
+    }
+
+    /// Automatic claims for several waiting conversations at once (a shard's batch). The
+    /// claims run concurrently in Redis, and every claim taken is recorded in one statement,
+    /// so the batch pays one commit for its assignments instead of one each. Anything off
+    /// that path (no conversation read yet, one that came through a handover, a claim already
+    /// present, a rebuild, a commit fenced or lost) goes through
+    /// [`SlotService::assign_loaded`] on its own. A refusal only answers the reason (see
+    /// `write_reason` there). Returns each conversation's result.
+    pub async fn assign_many(
+        &self,
+        convs: Vec<(Uuid, Option<Conv>, tracing::Span)>,
+        kind: ClaimKind,
+    ) -> Vec<(Uuid, Result<Assignment, SlotError>)> {
+        let mut results = Vec::with_capacity(convs.len());
+        let mut single = Vec::new();
+        let mut simple = Vec::new();
+        for (id, conv, span) in convs {
+            match conv {
+                Some(conv) if !conv.via_handover && conv.state == "waiting_for_employee" => {
+                    simple.push((conv, span));
+                }
+                conv => single.push((id, conv, span)),
+            }
+        }
+        let claims: Vec<_> = futures::stream::iter(simple.into_iter().map(|(conv, span)| {
+            let inner = span.clone();
+            async move {
+                let outcome = self
+                    .engine
+                    .claim(&conv.id.to_string(), &conv.shop_id, &conv.customer_id)
+                    .await;
+                (conv, span, outcome)
+            }
+            .instrument(inner)
+        }))
+        .buffer_unordered(CONCURRENT_CLAIMS)
+        .collect()
+        .await;
+        let mut taken = Vec::new();
+        for (conv, span, outcome) in claims {
+            match outcome {
+                Ok(ClaimOutcome::Claimed(claim)) => taken.push((conv, span, claim)),
+                Ok(ClaimOutcome::Unassigned { reason, .. }) => {
+                    results.push((conv.id, Ok(Assignment::Waiting { reason })));
+                }
+                Ok(ClaimOutcome::Rebuild | ClaimOutcome::Existing { .. }) => {
+                    single.push((conv.id, None, span));
+                }
+                Err(error) => results.push((conv.id, Err(error))),
+            }
+        }
+        if !taken.is_empty() {
+            let recorded = self.commit_claims(&taken, kind).await;
+            let settled = taken.into_iter().map(|(conv, span, claim)| {
+                let recorded = match &recorded {
+                    Ok(ids) => ids.contains(&conv.id),
+                    Err(_) => false,
+                };
+                let inner = span.clone();
+                async move {
+                    let cid = conv.id.to_string();
+                    if recorded {
+                        let confirmed = self
+                            .engine
+                            .confirm(&cid, &claim.employee_id, &conv.shop_id)
+                            .await
+                            .map(|_| Assignment::Assigned {
+                                employee_id: claim.employee_id.clone(),
+                            });
+                        return (conv.id, Some(confirmed), span);
+                    }
+                    // Fenced, lost or not written: the record decides whether the claim
+                    // stays, then the conversation is tried on its own (best effort here:
+                    // the pending marker expires anyway).
+                    let _ = self.settle(&conv, &claim.employee_id).await;
+                    (conv.id, None, span)
+                }
+                .instrument(inner)
+            });
+            let settled: Vec<_> = futures::stream::iter(settled)
+                .buffer_unordered(CONCURRENT_CLAIMS)
+                .collect()
+                .await;
+            for (id, result, span) in settled {
+                match result {
+                    Some(result) => results.push((id, result)),
+                    None => single.push((id, None, span)),
+                }
+            }
+        }
+        let one_by_one: Vec<_> =
+            futures::stream::iter(single.into_iter().map(|(id, conv, span)| {
+                async move { (id, self.assign_loaded(id, conv, kind, false).await) }
+                    .instrument(span)
+            }))
+            .buffer_unordered(CONCURRENT_CLAIMS)
+            .collect()
+            .await;
+        results.extend(one_by_one);
+        results
+    }
+
+    /// Records automatic claims in one statement (so in one transaction), fenced on the epoch
+    /// like [`SlotService::commit`]. Returns the conversations recorded; the others were
+    /// fenced (claimed under an older epoch) or lost (taken or closed meanwhile).
+    async fn commit_claims(
+        &self,
+        taken: &[(Conv, tracing::Span, Claimed)],
+        kind: ClaimKind,
+    ) -> Result<HashSet<Uuid>, SlotError> {
+        let ids: Vec<Uuid> = taken.iter().map(|(c, _, _)| c.id).collect();
+        let employees: Vec<&str> = taken
+            .iter()
+            .map(|(_, _, k)| k.employee_id.as_str())
+            .collect();
+        let customers: Vec<&str> = taken
+            .iter()
+            .map(|(c, _, _)| c.customer_id.as_str())
+            .collect();
+        let open: Vec<i32> = taken.iter().map(|(_, _, k)| k.open_before as i32).collect();
+        let slots: Vec<i32> = taken.iter().map(|(_, _, k)| k.slots as i32).collect();
+        let epochs: Vec<i64> = taken.iter().map(|(_, _, k)| k.epoch).collect();
+        // The fence is read `for share` inside the statement, so a rebuild (which bumps it)
+        // waits for this commit and then reads what it recorded.
+        let recorded: Vec<Uuid> = sqlx::query_scalar(
+            "with fence as (select epoch from slot_epoch where id = 1 for share),
+             claim as (
+               select * from unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::int[],
+                                    $6::bigint[])
+                 as t(conversation_id, employee_id, customer_id, open_count, shop_slots, epoch)),
+             taken as (
+               update conversations c
+               set state = 'assigned', assignee_employee_id = k.employee_id,
+                   unassigned_reason = null
+               from claim k, fence f
+               where c.conversation_id = k.conversation_id and k.epoch = f.epoch
+                 and c.state = 'waiting_for_employee'
+                 and c.assignee_employee_id is distinct from k.employee_id
+               returning c.conversation_id, c.shop_id, k.employee_id, k.customer_id,
+                         k.open_count, k.shop_slots, k.epoch),
+             logged as (
+               insert into assignment_log (conversation_id, shop_id, employee_id, kind,
+                                           open_count, shop_slots, over_limit, epoch)
+               select conversation_id, shop_id, employee_id, $7, open_count, shop_slots,
+                      open_count >= shop_slots, epoch
+               from taken),
+             served as (
+               insert into slot_last_served (shop_id, customer_id, employee_id)
+               select distinct on (shop_id, customer_id) shop_id, customer_id, employee_id
+               from taken order by shop_id, customer_id, conversation_id
+               on conflict (shop_id, customer_id)
+               do update set employee_id = excluded.employee_id, served_at = now())
+             select conversation_id from taken",
+        )
+        .bind(&ids)
+        .bind(&employees)
+        .bind(&customers)
+        .bind(&open)
+        .bind(&slots)
+        .bind(&epochs)
+        .bind(kind.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(recorded.into_iter().collect())
     }
 
     /// Records a pending claim in PostgreSQL (fenced on the epoch) and confirms it in Redis;
