@@ -3,6 +3,8 @@
 //! (Redis, part 2) implement it. [`QueueOnly`] only files conversations in the queue with the
 //! reason nobody took them, which is what part 1 needs to be complete and testable.
 
+use std::collections::HashSet;
+
 use futures::future::BoxFuture;
 use shopctrl_proto::v1::{HandoverRequest, Presence};
 use sqlx::PgPool;
@@ -46,8 +48,9 @@ pub struct Assigned {
     pub over_limit: bool,
 }
 
-/// What routing asks of the assignment logic. Every method is called after the caller's
-/// transaction committed and must be idempotent: a redelivered event calls it again.
+/// What routing asks of the assignment logic. Every method but
+/// [`Assigner::claim_in_batch`] is called after the caller's transaction committed, and all
+/// must be idempotent: a redelivered event calls them again.
 pub trait Assigner: Send + Sync + 'static {
     /// Customer messages created or reopened these conversations, or they are still waiting
     /// for an employee when their events are redelivered (so a crash between commit and this
@@ -58,6 +61,19 @@ pub trait Assigner: Send + Sync + 'static {
         &self,
         waiting: Vec<(Uuid, tracing::Span)>,
     ) -> BoxFuture<'_, Result<(), AssignError>>;
+    /// Optionally claims for waiting conversations inside the caller's batch transaction,
+    /// before its commit, so the assignments commit with the messages that made the
+    /// conversations wait. The caller must settle what this returns once the transaction
+    /// has ended, and then passes the conversations it did not deal with to
+    /// [`Assigner::conversations_waiting`] as usual. An error means the transaction cannot
+    /// commit (its connection failed) and nothing is left claimed. The default takes none.
+    fn claim_in_batch<'a>(
+        &'a self,
+        _conn: &'a mut sqlx::PgConnection,
+        _waiting: Vec<(Uuid, tracing::Span)>,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn BatchSettle>>, AssignError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// A flow asked for a human (see DESIGN.md's handover cases). Called in shard order, after
     /// every earlier event of that conversation was committed.
     fn handover(&self, request: HandoverRequest) -> BoxFuture<'_, Result<(), AssignError>>;
@@ -80,6 +96,13 @@ pub trait Assigner: Send + Sync + 'static {
         shop_id: &'a str,
         employee_id: &'a str,
     ) -> BoxFuture<'a, Result<(), AssignError>>;
+}
+
+/// Claims made inside a batch's transaction ([`Assigner::claim_in_batch`]).
+pub trait BatchSettle: Send {
+    /// Called once the transaction has ended; `committed` says whether its commit succeeded.
+    /// Returns the conversations dealt with (assigned, or refused with the reason written).
+    fn settle(self: Box<Self>, committed: bool) -> BoxFuture<'static, HashSet<Uuid>>;
 }
 
 /// Files conversations in the queue and never assigns anyone.

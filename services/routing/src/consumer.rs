@@ -4,6 +4,9 @@
 //! (up to the batch size), applies it in ONE transaction (each event inside a savepoint, so one
 //! bad event does not undo the others), commits, and then acks the whole batch with one
 //! `multiple` ack. Per-message acks cost 3-4x in broker and client CPU (LIMITS.md Q8 vs Q10).
+//! The batch's waiting conversations are claimed for just before that commit (the claims are
+//! pending in Redis, recorded in the same transaction, confirmed after it), so a new
+//! conversation's assignment costs no transaction of its own.
 //!
 //! Failure handling:
 //! - infrastructure errors (database, config service unreachable) roll the batch back, pause
@@ -15,6 +18,7 @@
 //!   ids, status ranking, inbox), so the redelivery changes nothing.
 
 use std::{
+    collections::HashSet,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -244,9 +248,9 @@ async fn process_batch(
         .collect();
     let mut backoff = Duration::from_millis(50);
     let mut careful = false;
-    let verdicts = loop {
+    let (verdicts, handled) = loop {
         match apply_batch(context, &decoded, &spans, careful).await {
-            Ok(Some(verdicts)) => break verdicts,
+            Ok(Some(done)) => break done,
             // An event failed on the fast path: the same batch again, each event on its own.
             Ok(None) => careful = true,
             Err(error) => {
@@ -295,7 +299,7 @@ async fn process_batch(
             }
         }
     }
-    if !run_follow_ups(context, follow_ups, shutdown).await {
+    if !run_follow_ups(context, follow_ups, &handled, shutdown).await {
         // Shutting down with the assigner unreachable: give the batch back. The redelivery
         // finds every message stored and asks the assigner again for waiting conversations.
         if let Some(last) = batch.last() {
@@ -336,7 +340,7 @@ async fn apply_batch(
     decoded: &[Result<Inbound, String>],
     spans: &[tracing::Span],
     careful: bool,
-) -> Result<Option<Vec<Verdict>>, IngestError> {
+) -> Result<Option<(Vec<Verdict>, HashSet<uuid::Uuid>)>, IngestError> {
     let mut tx = context.pool.begin().await.map_err(IngestError::from)?;
     let mut state = BatchState::default();
     if !careful {
@@ -432,8 +436,43 @@ async fn apply_batch(
         .sink
         .store_pending(&mut tx, &mut state.events)
         .await?;
-    tx.commit().await?;
-    Ok(Some(verdicts))
+    // On the fast path the waiting conversations are claimed for before the commit, so
+    // their assignments commit with the batch (the careful path leaves them to the
+    // follow-ups).
+    let mut claims = None;
+    if !careful {
+        let mut seen = HashSet::new();
+        let waiting: Vec<(uuid::Uuid, tracing::Span)> = verdicts
+            .iter()
+            .zip(spans)
+            .filter_map(|(verdict, span)| match verdict {
+                Verdict::Applied(f) => Some((f, span)),
+                Verdict::Dead(_) => None,
+            })
+            .flat_map(|(f, span)| f.waiting.iter().map(move |id| (*id, span.clone())))
+            .filter(|(id, _)| seen.insert(*id))
+            .collect();
+        if !waiting.is_empty() {
+            claims = match context.assigner.claim_in_batch(&mut tx, waiting).await {
+                Ok(claims) => claims,
+                Err(AssignError::Unavailable(error)) => return Err(IngestError::Transient(error)),
+                Err(error) => {
+                    // Not an outage: the careful path commits without claiming, and the
+                    // follow-ups claim as usual.
+                    tracing::warn!(%error, "claims in the batch failed; applying it event by event");
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+            };
+        }
+    }
+    let committed = tx.commit().await;
+    let handled = match claims {
+        Some(claims) => claims.settle(committed.is_ok()).await,
+        None => HashSet::new(),
+    };
+    committed?;
+    Ok(Some((verdicts, handled)))
 }
 
 /// The assigner calls. Infrastructure errors are retried in place until shutdown; false means
@@ -446,9 +485,11 @@ async fn apply_batch(
 async fn run_follow_ups(
     context: &ShardContext,
     follow_ups: Vec<(FollowUps, tracing::Span)>,
+    claimed_in_batch: &HashSet<uuid::Uuid>,
     shutdown: &CancellationToken,
 ) -> bool {
-    let mut seen = std::collections::HashSet::new();
+    // What the batch's own claims dealt with needs nothing more.
+    let mut seen = claimed_in_batch.clone();
     let mut waiting = Vec::new();
     let mut handovers = Vec::new();
     for (follow_ups, span) in follow_ups {

@@ -1400,3 +1400,99 @@ async fn slots_seam_handover_unknown_closed_and_withdrawal() {
         Some(pb::flow_event::Outcome::Assigned(a)) if a.from_queue && a.employee_id == "bob" && a.display_name == "Bob"));
     check_log(&h.pool).await.unwrap();
 }
+
+/// A conversation created inside a batch's transaction, waiting for an employee.
+async fn insert_waiting(tx: &mut sqlx::PgConnection, shop: &str, customer: Uuid) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "insert into conversations (conversation_id, shop_id, messagebird_conversation_id,
+           customer_id, channel, state, waiting_since)
+         values ($1, $2, $3, $4, 1, 'waiting_for_employee', now())",
+    )
+    .bind(id)
+    .bind(shop)
+    .bind(format!("mb-{id}"))
+    .bind(customer)
+    .execute(tx)
+    .await
+    .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn claims_in_a_batch_transaction_count_only_when_it_commits() {
+    let h = harness(Duration::from_secs(30)).await;
+    h.svc.set_shop_slots("s", 1).await.unwrap();
+    h.svc.set_permission("s", "e", "E", true).await.unwrap();
+    let customer = new_customer(&h.pool, "s").await;
+    let log_rows = |id: Uuid| {
+        let pool = h.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from assignment_log where conversation_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // The batch rolls back: its claim is given back and nothing is recorded.
+    let mut tx = h.pool.begin().await.unwrap();
+    let a = insert_waiting(&mut tx, "s", customer).await;
+    let claims = h
+        .svc
+        .claim_in_batch(&mut tx, &[(a, tracing::Span::none())])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(claims.settle(false).await.is_empty());
+    let state = h.svc.engine().inspect("e").await.unwrap().unwrap();
+    assert_eq!((state.open.len(), state.live_pending), (0, 0));
+    assert_eq!(log_rows(a).await, 0);
+
+    // The batch commits: the assignment commits with it, Redis counts it, logged once.
+    let mut tx = h.pool.begin().await.unwrap();
+    let b = insert_waiting(&mut tx, "s", customer).await;
+    let claims = h
+        .svc
+        .claim_in_batch(&mut tx, &[(b, tracing::Span::none())])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        claims.settle(true).await,
+        std::collections::HashSet::from([b])
+    );
+    let row = record(&h.pool, b).await;
+    assert_eq!((row.0.as_str(), row.1.as_deref()), ("assigned", Some("e")));
+    let state = h.svc.engine().inspect("e").await.unwrap().unwrap();
+    assert_eq!((state.open.len(), state.live_pending), (1, 0));
+    assert_eq!(log_rows(b).await, 1);
+
+    // The only slot is taken: refused, the shop's reason written, dealt with as well.
+    let mut tx = h.pool.begin().await.unwrap();
+    let c = insert_waiting(&mut tx, "s", customer).await;
+    let claims = h
+        .svc
+        .claim_in_batch(&mut tx, &[(c, tracing::Span::none())])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        claims.settle(true).await,
+        std::collections::HashSet::from([c])
+    );
+    let row = record(&h.pool, c).await;
+    assert_eq!(
+        (row.0.as_str(), row.2.as_deref()),
+        ("waiting_for_employee", Some("all_full"))
+    );
+    assert_eq!(log_rows(c).await, 0);
+    assert_eq!(
+        h.svc.check_drift().await.unwrap(),
+        0,
+        "Redis equals the record"
+    );
+}

@@ -11,7 +11,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{Assignment, ClaimKind, SlotError, SlotService};
-use crate::assign::{AssignError, Assigned, Assigner};
+use crate::assign::{AssignError, Assigned, Assigner, BatchSettle};
 
 impl From<SlotError> for AssignError {
     fn from(error: SlotError) -> Self {
@@ -24,6 +24,15 @@ impl From<SlotError> for AssignError {
             SlotError::Closed(_) => AssignError::Refused("the conversation is closed".into()),
             other => AssignError::Unavailable(other.to_string()),
         }
+    }
+}
+
+impl BatchSettle for super::BatchClaims {
+    fn settle(
+        self: Box<Self>,
+        committed: bool,
+    ) -> BoxFuture<'static, std::collections::HashSet<Uuid>> {
+        Box::pin(async move { (*self).settle(committed).await })
     }
 }
 
@@ -286,6 +295,17 @@ impl Assigner for SlotAssigner {
                 }
             }
             unavailable.map_or(Ok(()), Err)
+        })
+    }
+
+    fn claim_in_batch<'a>(
+        &'a self,
+        conn: &'a mut sqlx::PgConnection,
+        waiting: Vec<(Uuid, tracing::Span)>,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn BatchSettle>>, AssignError>> {
+        Box::pin(async move {
+            let claims = self.svc.claim_in_batch(conn, &waiting).await?;
+            Ok(Some(Box::new(claims) as Box<dyn BatchSettle>))
         })
     }
 

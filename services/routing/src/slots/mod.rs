@@ -27,7 +27,7 @@ pub use engine::{
     AssignOutcome, ClaimOutcome, Claimed, ConfirmOutcome, EmployeeState, RebuildStart, ReleaseMode,
     ReleaseOutcome, SlotEngine, script_source,
 };
-pub use service::{Assignment, ClaimKind, HandoverOutcome, SlotService, SlotSettings};
+pub use service::{Assignment, BatchClaims, ClaimKind, HandoverOutcome, SlotService, SlotSettings};
 
 /// Why a conversation is not assigned (stored in `conversations.unassigned_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

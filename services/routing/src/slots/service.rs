@@ -187,6 +187,15 @@ impl SlotService {
     /// Several conversations in one read, with whether each one's shop has a slot copy behind
     /// its settings (see `SlotAssigner::sync_shop`). Unknown ids are left out.
     pub async fn load_waiting(&self, ids: &[Uuid]) -> Result<Vec<(Conv, bool)>, SlotError> {
+        Self::load_waiting_on(&self.pool, ids).await
+    }
+
+    /// [`SlotService::load_waiting`] on a given connection (a batch's transaction sees the
+    /// conversations it created).
+    async fn load_waiting_on<'c>(
+        executor: impl sqlx::PgExecutor<'c>,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Conv, bool)>, SlotError> {
         let sql = format!(
             "select {CONV_COLUMNS},
                     s.shop_id is not null
@@ -199,7 +208,7 @@ impl SlotService {
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(ids)
-            .fetch_all(&self.pool)
+            .fetch_all(executor)
             .await?;
         rows.iter()
             .map(|row| Ok((conv_from_row(row)?, row.try_get("shop_behind")?)))
@@ -550,7 +559,7 @@ impl SlotService {
             }
         }
         if !taken.is_empty() {
-            let recorded = self.commit_claims(&taken, kind).await;
+            let recorded = Self::commit_claims_on(&self.pool, &taken, kind).await;
             let settled = taken.into_iter().map(|(conv, span, claim)| {
                 let recorded = match &recorded {
                     Ok(ids) => ids.contains(&conv.id),
@@ -600,11 +609,82 @@ impl SlotService {
         results
     }
 
+    /// Automatic claims for waiting conversations, recorded in the caller's transaction
+    /// (`conn`, not committed yet), so they commit together with the batch that created the
+    /// conversations: one commit, and no second transaction to wait for. Only the common case
+    /// is taken here: a conversation waiting for an employee, not from a handover, whose
+    /// shop's slot copy is current, with a claim taken or refused. The rest is left for the
+    /// caller's usual path after the commit ([`SlotService::assign_many`]). On an error no
+    /// claim is left behind in Redis. [`BatchClaims::settle`] must run once the transaction
+    /// has ended.
+    pub async fn claim_in_batch(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        waiting: &[(Uuid, tracing::Span)],
+    ) -> Result<BatchClaims, SlotError> {
+        let ids: Vec<Uuid> = waiting.iter().map(|(id, _)| *id).collect();
+        let loaded = Self::load_waiting_on(&mut *conn, &ids).await?;
+        let spans: std::collections::HashMap<Uuid, tracing::Span> =
+            waiting.iter().cloned().collect();
+        let simple: Vec<Conv> = loaded
+            .into_iter()
+            .filter_map(|(conv, behind)| {
+                (!behind && !conv.via_handover && conv.state == "waiting_for_employee")
+                    .then_some(conv)
+            })
+            .collect();
+        let simple = simple.into_iter().map(|conv| {
+            let span = spans
+                .get(&conv.id)
+                .cloned()
+                .unwrap_or_else(tracing::Span::none);
+            let inner = span.clone();
+            async move {
+                let outcome = self
+                    .engine
+                    .claim(&conv.id.to_string(), &conv.shop_id, &conv.customer_id)
+                    .await;
+                (conv, span, outcome)
+            }
+            .instrument(inner)
+        });
+        let claims: Vec<_> = futures::stream::iter(simple)
+            .buffer_unordered(CONCURRENT_CLAIMS)
+            .collect()
+            .await;
+        let mut batch = BatchClaims {
+            svc: self.clone(),
+            taken: Vec::new(),
+            recorded: HashSet::new(),
+            refused: Vec::new(),
+        };
+        for (conv, span, outcome) in claims {
+            match outcome {
+                Ok(ClaimOutcome::Claimed(claim)) => batch.taken.push((conv, span, claim)),
+                Ok(ClaimOutcome::Unassigned { reason, .. }) => {
+                    batch.refused.push((conv.id, conv.shop_id, reason));
+                }
+                // A rebuild, a claim already present, Redis unreachable: after the commit.
+                Ok(ClaimOutcome::Rebuild | ClaimOutcome::Existing { .. }) | Err(_) => {}
+            }
+        }
+        if !batch.taken.is_empty() {
+            match Self::commit_claims_on(&mut *conn, &batch.taken, ClaimKind::Auto).await {
+                Ok(recorded) => batch.recorded = recorded,
+                Err(error) => {
+                    batch.give_back().await;
+                    return Err(error);
+                }
+            }
+        }
+        Ok(batch)
+    }
+
     /// Records automatic claims in one statement (so in one transaction), fenced on the epoch
     /// like [`SlotService::commit`]. Returns the conversations recorded; the others were
     /// fenced (claimed under an older epoch) or lost (taken or closed meanwhile).
-    async fn commit_claims(
-        &self,
+    async fn commit_claims_on<'c>(
+        executor: impl sqlx::PgExecutor<'c>,
         taken: &[(Conv, tracing::Span, Claimed)],
         kind: ClaimKind,
     ) -> Result<HashSet<Uuid>, SlotError> {
@@ -621,7 +701,8 @@ impl SlotService {
         let slots: Vec<i32> = taken.iter().map(|(_, _, k)| k.slots as i32).collect();
         let epochs: Vec<i64> = taken.iter().map(|(_, _, k)| k.epoch).collect();
         // The fence is read `for share` inside the statement, so a rebuild (which bumps it)
-        // waits for this commit and then reads what it recorded.
+        // waits for this commit and then reads what it recorded. The log's time is when the
+        // statement ran: in a batch's transaction `now()` would be the batch's start.
         let recorded: Vec<Uuid> = sqlx::query_scalar(
             "with fence as (select epoch from slot_epoch where id = 1 for share),
              claim as (
@@ -640,9 +721,10 @@ impl SlotService {
                          k.open_count, k.shop_slots, k.epoch),
              logged as (
                insert into assignment_log (conversation_id, shop_id, employee_id, kind,
-                                           open_count, shop_slots, over_limit, epoch)
+                                           open_count, shop_slots, over_limit, epoch,
+                                           created_at)
                select conversation_id, shop_id, employee_id, $7, open_count, shop_slots,
-                      open_count >= shop_slots, epoch
+                      open_count >= shop_slots, epoch, clock_timestamp()
                from taken),
              served as (
                insert into slot_last_served (shop_id, customer_id, employee_id)
@@ -659,7 +741,7 @@ impl SlotService {
         .bind(&slots)
         .bind(&epochs)
         .bind(kind.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(executor)
         .await?;
         Ok(recorded.into_iter().collect())
     }
@@ -703,7 +785,7 @@ impl SlotService {
     }
 
     /// After a commit that did not happen: the record decides whether the claim stays.
-    async fn settle(&self, conv: &Conv, employee: &str) -> Result<(), SlotError> {
+    pub(crate) async fn settle(&self, conv: &Conv, employee: &str) -> Result<(), SlotError> {
         let cid = conv.id.to_string();
         let now: Option<(String, Option<String>)> = sqlx::query_as(
             "select state, assignee_employee_id from conversations where conversation_id = $1",
@@ -1400,6 +1482,99 @@ impl SlotService {
 }
 
 /// How a commit attempt ended.
+/// Claims a batch made inside its transaction ([`SlotService::claim_in_batch`]), waiting for
+/// that transaction to end.
+pub struct BatchClaims {
+    svc: SlotService,
+    taken: Vec<(Conv, tracing::Span, Claimed)>,
+    /// The taken claims the batch's transaction recorded (the others were fenced or lost).
+    recorded: HashSet<Uuid>,
+    /// Refused claims: conversation, shop, why.
+    refused: Vec<(Uuid, String, UnassignedReason)>,
+}
+
+impl BatchClaims {
+    /// Gives every taken claim back (the transaction will not commit them).
+    async fn give_back(&self) {
+        let taken: Vec<(String, String)> = self
+            .taken
+            .iter()
+            .map(|(conv, _, claim)| (conv.id.to_string(), claim.employee_id.clone()))
+            .collect();
+        let engine = &self.svc.engine;
+        let releases = taken.into_iter().map(|(cid, employee)| async move {
+            // Best effort: the pending marker expires anyway.
+            let _ = engine
+                .release(&cid, Some(&employee), ReleaseMode::Rollback)
+                .await;
+        });
+        futures::stream::iter(releases)
+            .buffer_unordered(CONCURRENT_CLAIMS)
+            .collect::<Vec<()>>()
+            .await;
+    }
+
+    /// Once the batch's transaction has ended (`committed`: its commit succeeded): confirms
+    /// the recorded claims in Redis and settles the others, then writes each refusing shop's
+    /// waiting reason. Returns the conversations dealt with; the caller's usual path takes the
+    /// rest (claims are idempotent, so anything that failed here is simply claimed again).
+    pub async fn settle(self, committed: bool) -> HashSet<Uuid> {
+        let mut handled = HashSet::new();
+        let Self {
+            svc,
+            taken,
+            recorded,
+            refused,
+        } = self;
+        let (svc, recorded) = (&svc, &recorded);
+        let settled = taken.into_iter().map(|(conv, span, claim)| {
+            let inner = span.clone();
+            async move {
+                if committed && recorded.contains(&conv.id) {
+                    let cid = conv.id.to_string();
+                    let confirmed = svc
+                        .engine
+                        .confirm(&cid, &claim.employee_id, &conv.shop_id)
+                        .await;
+                    return confirmed.is_ok().then_some(conv.id);
+                }
+                // Not committed, fenced or lost; or the commit's answer was lost with the
+                // connection: the record decides whether the claim stays.
+                let _ = svc.settle(&conv, &claim.employee_id).await;
+                None
+            }
+            .instrument(inner)
+        });
+        handled.extend(
+            futures::stream::iter(settled)
+                .buffer_unordered(CONCURRENT_CLAIMS)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .flatten(),
+        );
+        if !committed {
+            return HashSet::new();
+        }
+        // Each shop's waiting reason once: the last refusal's.
+        let mut reasons = std::collections::BTreeMap::new();
+        for (_, shop, reason) in &refused {
+            reasons.insert(shop.as_str(), *reason);
+        }
+        for (shop, reason) in reasons {
+            if svc.set_reason(shop, reason).await.is_ok() {
+                handled.extend(
+                    refused
+                        .iter()
+                        .filter(|(_, s, _)| s == shop)
+                        .map(|(id, _, _)| *id),
+                );
+            }
+        }
+        handled
+    }
+}
+
 enum Committed {
     Yes,
     /// The claim came from an older Redis generation.
