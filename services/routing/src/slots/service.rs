@@ -1481,7 +1481,6 @@ impl SlotService {
     }
 }
 
-/// How a commit attempt ended.
 /// Claims a batch made inside its transaction ([`SlotService::claim_in_batch`]), waiting for
 /// that transaction to end.
 pub struct BatchClaims {
@@ -1575,6 +1574,7 @@ impl BatchClaims {
     }
 }
 
+/// How a commit attempt ended.
 enum Committed {
     Yes,
     /// The claim came from an older Redis generation.
