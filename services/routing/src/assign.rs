@@ -65,8 +65,9 @@ pub trait Assigner: Send + Sync + 'static {
     /// before its commit, so the assignments commit with the messages that made the
     /// conversations wait. The caller must settle what this returns once the transaction
     /// has ended, and then passes the conversations it did not deal with to
-    /// [`Assigner::conversations_waiting`] as usual. An error means the transaction cannot
-    /// commit (its connection failed) and nothing is left claimed. The default takes none.
+    /// [`Assigner::conversations_waiting`] as usual. On an error nothing is left claimed;
+    /// the caller rolls back what this wrote (a savepoint) and commits without it. The
+    /// default takes none.
     fn claim_in_batch<'a>(
         &'a self,
         _conn: &'a mut sqlx::PgConnection,
@@ -101,7 +102,7 @@ pub trait Assigner: Send + Sync + 'static {
 /// Claims made inside a batch's transaction ([`Assigner::claim_in_batch`]).
 pub trait BatchSettle: Send {
     /// Called once the transaction has ended; `committed` says whether its commit succeeded.
-    /// Returns the conversations dealt with (assigned, or refused with the reason written).
+    /// Returns the conversations assigned.
     fn settle(self: Box<Self>, committed: bool) -> BoxFuture<'static, HashSet<Uuid>>;
 }
 

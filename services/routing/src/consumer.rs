@@ -453,17 +453,19 @@ async fn apply_batch(
             .filter(|(id, _)| seen.insert(*id))
             .collect();
         if !waiting.is_empty() {
-            claims = match context.assigner.claim_in_batch(&mut tx, waiting).await {
-                Ok(claims) => claims,
-                Err(AssignError::Unavailable(error)) => return Err(IngestError::Transient(error)),
+            // Claim trouble must not keep the batch's messages from committing: on an error
+            // the claims are given back, the batch commits without them and the follow-ups
+            // claim as usual.
+            sqlx::query("savepoint claims").execute(&mut *tx).await?;
+            match context.assigner.claim_in_batch(&mut tx, waiting).await {
+                Ok(taken) => claims = taken,
                 Err(error) => {
-                    // Not an outage: the careful path commits without claiming, and the
-                    // follow-ups claim as usual.
-                    tracing::warn!(%error, "claims in the batch failed; applying it event by event");
-                    tx.rollback().await?;
-                    return Ok(None);
+                    tracing::warn!(%error, "claiming inside the batch failed; committing it without its claims");
+                    sqlx::query("rollback to savepoint claims")
+                        .execute(&mut *tx)
+                        .await?;
                 }
-            };
+            }
         }
     }
     let committed = tx.commit().await;

@@ -613,10 +613,12 @@ impl SlotService {
     /// (`conn`, not committed yet), so they commit together with the batch that created the
     /// conversations: one commit, and no second transaction to wait for. Only the common case
     /// is taken here: a conversation waiting for an employee, not from a handover, whose
-    /// shop's slot copy is current, with a claim taken or refused. The rest is left for the
-    /// caller's usual path after the commit ([`SlotService::assign_many`]). On an error no
-    /// claim is left behind in Redis. [`BatchClaims::settle`] must run once the transaction
-    /// has ended.
+    /// shop's slot copy is current, and a claim that succeeds. The rest is left for the
+    /// caller's usual path after the commit ([`SlotService::assign_many`]), refusals too:
+    /// capacity that appears before the commit drains from the record, which cannot see
+    /// these conversations yet, so only a claim after the commit is sure to see it. On an
+    /// error no claim is left behind in Redis. [`BatchClaims::settle`] must run once the
+    /// transaction has ended.
     pub async fn claim_in_batch(
         &self,
         conn: &mut sqlx::PgConnection,
@@ -656,16 +658,12 @@ impl SlotService {
             svc: self.clone(),
             taken: Vec::new(),
             recorded: HashSet::new(),
-            refused: Vec::new(),
         };
         for (conv, span, outcome) in claims {
-            match outcome {
-                Ok(ClaimOutcome::Claimed(claim)) => batch.taken.push((conv, span, claim)),
-                Ok(ClaimOutcome::Unassigned { reason, .. }) => {
-                    batch.refused.push((conv.id, conv.shop_id, reason));
-                }
-                // A rebuild, a claim already present, Redis unreachable: after the commit.
-                Ok(ClaimOutcome::Rebuild | ClaimOutcome::Existing { .. }) | Err(_) => {}
+            // Refused, a rebuild, a claim already present, Redis unreachable: after the
+            // commit.
+            if let Ok(ClaimOutcome::Claimed(claim)) = outcome {
+                batch.taken.push((conv, span, claim));
             }
         }
         if !batch.taken.is_empty() {
@@ -1488,8 +1486,6 @@ pub struct BatchClaims {
     taken: Vec<(Conv, tracing::Span, Claimed)>,
     /// The taken claims the batch's transaction recorded (the others were fenced or lost).
     recorded: HashSet<Uuid>,
-    /// Refused claims: conversation, shop, why.
-    refused: Vec<(Uuid, String, UnassignedReason)>,
 }
 
 impl BatchClaims {
@@ -1514,22 +1510,33 @@ impl BatchClaims {
     }
 
     /// Once the batch's transaction has ended (`committed`: its commit succeeded): confirms
-    /// the recorded claims in Redis and settles the others, then writes each refusing shop's
-    /// waiting reason. Returns the conversations dealt with; the caller's usual path takes the
-    /// rest (claims are idempotent, so anything that failed here is simply claimed again).
+    /// the recorded claims in Redis and settles the others. Returns the conversations
+    /// assigned; the caller's usual path takes the rest (claims are idempotent, so anything
+    /// that failed here is simply claimed again).
     pub async fn settle(self, committed: bool) -> HashSet<Uuid> {
-        let mut handled = HashSet::new();
         let Self {
             svc,
             taken,
             recorded,
-            refused,
         } = self;
+        if !committed {
+            // The commit's answer may have been lost with the connection while the commit
+            // itself went through. Reading the record at once could miss a commit still
+            // being made visible and give back a slot it holds; a second later the record
+            // decides safely (and the pending markers expire anyway).
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for (conv, _, claim) in taken {
+                    let _ = svc.settle(&conv, &claim.employee_id).await;
+                }
+            });
+            return HashSet::new();
+        }
         let (svc, recorded) = (&svc, &recorded);
         let settled = taken.into_iter().map(|(conv, span, claim)| {
             let inner = span.clone();
             async move {
-                if committed && recorded.contains(&conv.id) {
+                if recorded.contains(&conv.id) {
                     let cid = conv.id.to_string();
                     let confirmed = svc
                         .engine
@@ -1537,40 +1544,19 @@ impl BatchClaims {
                         .await;
                     return confirmed.is_ok().then_some(conv.id);
                 }
-                // Not committed, fenced or lost; or the commit's answer was lost with the
-                // connection: the record decides whether the claim stays.
+                // Fenced or lost: the record decides whether the claim stays.
                 let _ = svc.settle(&conv, &claim.employee_id).await;
                 None
             }
             .instrument(inner)
         });
-        handled.extend(
-            futures::stream::iter(settled)
-                .buffer_unordered(CONCURRENT_CLAIMS)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .flatten(),
-        );
-        if !committed {
-            return HashSet::new();
-        }
-        // Each shop's waiting reason once: the last refusal's.
-        let mut reasons = std::collections::BTreeMap::new();
-        for (_, shop, reason) in &refused {
-            reasons.insert(shop.as_str(), *reason);
-        }
-        for (shop, reason) in reasons {
-            if svc.set_reason(shop, reason).await.is_ok() {
-                handled.extend(
-                    refused
-                        .iter()
-                        .filter(|(_, s, _)| s == shop)
-                        .map(|(id, _, _)| *id),
-                );
-            }
-        }
-        handled
+        futures::stream::iter(settled)
+            .buffer_unordered(CONCURRENT_CLAIMS)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 }
 
