@@ -436,9 +436,10 @@ async fn apply_batch(
         .sink
         .store_pending(&mut tx, &mut state.events)
         .await?;
-    // On the fast path the waiting conversations are claimed for before the commit, so
-    // their assignments commit with the batch (the careful path leaves them to the
-    // follow-ups).
+    // On the fast path the conversations the batch started are claimed for before the
+    // commit, so their assignments commit with the batch. Conversations that were already
+    // waiting (asked again as a repair, nearly always refused) and the careful path are
+    // left to the follow-ups.
     let mut claims = None;
     if !careful {
         let mut seen = HashSet::new();
@@ -449,7 +450,7 @@ async fn apply_batch(
                 Verdict::Applied(f) => Some((f, span)),
                 Verdict::Dead(_) => None,
             })
-            .flat_map(|(f, span)| f.waiting.iter().map(move |id| (*id, span.clone())))
+            .flat_map(|(f, span)| f.started.iter().map(move |id| (*id, span.clone())))
             .filter(|(id, _)| seen.insert(*id))
             .collect();
         if !waiting.is_empty() {

@@ -97,6 +97,9 @@ impl From<AccessError> for IngestError {
 pub struct FollowUps {
     /// Conversations that wait for an employee (assigner.conversation_waiting).
     pub waiting: Vec<Uuid>,
+    /// Of those, the ones this event started (created or reopened): the batch claims for
+    /// them before its commit. The others are asked again after it, as a repair.
+    pub started: Vec<Uuid>,
     pub handovers: Vec<HandoverRequest>,
 }
 
@@ -406,8 +409,8 @@ impl Ingestor {
                     ));
                 }
                 Ok(FollowUps {
-                    waiting: Vec::new(),
                     handovers: vec![request.as_ref().clone()],
+                    ..FollowUps::default()
                 })
             }
             Inbound::Webhook(event) => {
@@ -580,6 +583,7 @@ impl Ingestor {
                 })
             })
             .transpose()?;
+        let mut started = false;
         let conversation = match customer_key {
             Some(key) => {
                 let key = key.map_err(|e| IngestError::Failed(e.to_string()))?;
@@ -593,6 +597,7 @@ impl Ingestor {
                             .await?
                     }
                 };
+                started = found.is_none();
                 Some(match found {
                     Some(open) => open,
                     None => {
@@ -715,6 +720,9 @@ impl Ingestor {
         // e.g. a pending claim rolled back after this conversation was refused.
         if target.state == "waiting_for_employee" {
             follow_ups.waiting.push(target.conversation_id);
+            if started {
+                follow_ups.started.push(target.conversation_id);
+            }
         }
         // New-message events go to the assignee; unsupported types to the assignee or, when
         // nobody is assigned, the shop's chatters.

@@ -4,12 +4,15 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
+
 use common::{Env, Msg, SHOP, as_employee, eventually, shop, status_name};
 use shopctrl_proto::v1::{
     CloseConversationRequest, ConversationState, DialogFilter, GetConversationRequest,
     GetLinkedHistoryRequest, HistoryLink, LinkConversationRequest, ListDialogsRequest,
     ListMessagesRequest, MessageStatus, PageRequest, UnassignedReason, history_link::Target,
 };
+use shopctrl_routing::consumer::{CommitHook, Committed};
 use tonic::Code;
 
 async fn dialogs(
@@ -760,4 +763,47 @@ async fn a_batch_applies_its_events_as_if_one_by_one() {
         "the latest customer message starts the window"
     );
     env.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_conversation_is_assigned_by_the_transaction_that_stores_its_first_message() {
+    let mut env = Env::prepare(shop(true, false), 2).await;
+    // When each batch committed (the hook runs right after the commit, before anything the
+    // batch asks of the assigner afterwards).
+    let commits = Arc::new(Mutex::new(Vec::<chrono::DateTime<chrono::Utc>>::new()));
+    let hook: CommitHook = {
+        let commits = commits.clone();
+        Arc::new(move |_: &Committed| commits.lock().unwrap().push(chrono::Utc::now()))
+    };
+    let service = env.spawn(None, Some(hook)).await;
+    env.services.push(service);
+    // The shop's first conversation also brings its slot copy up to date, which happens
+    // after the commit; the second one shows the steady state.
+    for (n, conversation) in ["mbconv-first", "mbconv-second"].into_iter().enumerate() {
+        env.publish(&Msg::received(conversation, &format!("mbmsg-{n}"), "Hello?").event())
+            .await;
+        eventually(20, "the assignment", || async {
+            (env.count("select count(*) from conversations where state = 'assigned'")
+                .await
+                == n as i64 + 1)
+                .then_some(())
+        })
+        .await;
+    }
+    // The claim's statement ran before the commit of the batch that stored the message: the
+    // assignment was recorded in that batch, not by a transaction of its own after it.
+    let claimed_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "select a.created_at from assignment_log a join conversations c using (conversation_id)
+         where c.messagebird_conversation_id = 'mbconv-second'
+           and c.assignee_employee_id = 'alice' and a.kind = 'auto'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let commits = commits.lock().unwrap().clone();
+    let committed_after = commits.iter().filter(|at| **at > claimed_at).count();
+    assert_eq!(
+        committed_after, 1,
+        "only the second conversation's own batch commits after its claim: {commits:?}, claimed at {claimed_at}"
+    );
 }
