@@ -15,8 +15,8 @@ use shopctrl_amqp::{OutboxMessage, outbox_enqueue};
 use shopctrl_proto::v1 as pb;
 
 use super::{
-    AssignOutcome, ClaimOutcome, Claimed, RebuildStart, ReleaseMode, ReleaseOutcome, SlotEngine,
-    SlotError, SlotMetrics, UnassignedReason,
+    AssignOutcome, ClaimOutcome, Claimed, ConfirmOutcome, RebuildStart, ReleaseMode,
+    ReleaseOutcome, SlotEngine, SlotError, SlotMetrics, UnassignedReason,
 };
 
 /// How many claims run at the same time. Claims of different conversations are independent
@@ -106,6 +106,14 @@ pub struct Conv {
     unassigned_reason: Option<String>,
     messagebird_conversation_id: String,
     contact: pb::InboundContact,
+}
+
+impl Conv {
+    /// Whether the batched claim paths take it: waiting for an employee and not from a
+    /// handover (whose claim also queues a flow event, see `commit_tx`).
+    fn claimable_in_bulk(&self) -> bool {
+        !self.via_handover && self.state == "waiting_for_employee"
+    }
 }
 
 /// The columns [`Conv`] is read from, and their tables (`c` the conversation).
@@ -525,28 +533,12 @@ impl SlotService {
         let mut simple = Vec::new();
         for (id, conv, span) in convs {
             match conv {
-                Some(conv) if !conv.via_handover && conv.state == "waiting_for_employee" => {
-                    simple.push((conv, span));
-                }
+                Some(conv) if conv.claimable_in_bulk() => simple.push((conv, span)),
                 conv => single.push((id, conv, span)),
             }
         }
-        let claims: Vec<_> = futures::stream::iter(simple.into_iter().map(|(conv, span)| {
-            let inner = span.clone();
-            async move {
-                let outcome = self
-                    .engine
-                    .claim(&conv.id.to_string(), &conv.shop_id, &conv.customer_id)
-                    .await;
-                (conv, span, outcome)
-            }
-            .instrument(inner)
-        }))
-        .buffer_unordered(CONCURRENT_CLAIMS)
-        .collect()
-        .await;
         let mut taken = Vec::new();
-        for (conv, span, outcome) in claims {
+        for (conv, span, outcome) in self.claim_each(simple).await {
             match outcome {
                 Ok(ClaimOutcome::Claimed(claim)) => taken.push((conv, span, claim)),
                 Ok(ClaimOutcome::Unassigned { reason, .. }) => {
@@ -567,22 +559,14 @@ impl SlotService {
                 };
                 let inner = span.clone();
                 async move {
-                    let cid = conv.id.to_string();
-                    if recorded {
-                        let confirmed = self
-                            .engine
-                            .confirm(&cid, &claim.employee_id, &conv.shop_id)
-                            .await
-                            .map(|_| Assignment::Assigned {
-                                employee_id: claim.employee_id.clone(),
-                            });
-                        return (conv.id, Some(confirmed), span);
-                    }
-                    // Fenced, lost or not written: the record decides whether the claim
-                    // stays, then the conversation is tried on its own (best effort here:
-                    // the pending marker expires anyway).
-                    let _ = self.settle(&conv, &claim.employee_id).await;
-                    (conv.id, None, span)
+                    // Not recorded (fenced, lost or not written): then the conversation is
+                    // tried on its own.
+                    let result = self.finish_claim(&conv, &claim, recorded).await.map(|r| {
+                        r.map(|_| Assignment::Assigned {
+                            employee_id: claim.employee_id.clone(),
+                        })
+                    });
+                    (conv.id, result, span)
                 }
                 .instrument(inner)
             });
@@ -628,32 +612,15 @@ impl SlotService {
         let loaded = Self::load_waiting_on(&mut *conn, &ids).await?;
         let spans: std::collections::HashMap<Uuid, tracing::Span> =
             waiting.iter().cloned().collect();
-        let simple: Vec<Conv> = loaded
+        let simple: Vec<(Conv, tracing::Span)> = loaded
             .into_iter()
-            .filter_map(|(conv, behind)| {
-                (!behind && !conv.via_handover && conv.state == "waiting_for_employee")
-                    .then_some(conv)
+            .filter(|(conv, behind)| !behind && conv.claimable_in_bulk())
+            .map(|(conv, _)| {
+                let span = spans.get(&conv.id).cloned();
+                (conv, span.unwrap_or_else(tracing::Span::none))
             })
             .collect();
-        let simple = simple.into_iter().map(|conv| {
-            let span = spans
-                .get(&conv.id)
-                .cloned()
-                .unwrap_or_else(tracing::Span::none);
-            let inner = span.clone();
-            async move {
-                let outcome = self
-                    .engine
-                    .claim(&conv.id.to_string(), &conv.shop_id, &conv.customer_id)
-                    .await;
-                (conv, span, outcome)
-            }
-            .instrument(inner)
-        });
-        let claims: Vec<_> = futures::stream::iter(simple)
-            .buffer_unordered(CONCURRENT_CLAIMS)
-            .collect()
-            .await;
+        let claims = self.claim_each(simple).await;
         let mut batch = BatchClaims {
             svc: self.clone(),
             taken: Vec::new(),
@@ -676,6 +643,49 @@ impl SlotService {
             }
         }
         Ok(batch)
+    }
+
+    /// The automatic claim script for each conversation, several at a time, each in its
+    /// event's span.
+    async fn claim_each(
+        &self,
+        convs: Vec<(Conv, tracing::Span)>,
+    ) -> Vec<(Conv, tracing::Span, Result<ClaimOutcome, SlotError>)> {
+        futures::stream::iter(convs.into_iter().map(|(conv, span)| {
+            let inner = span.clone();
+            async move {
+                let outcome = self
+                    .engine
+                    .claim(&conv.id.to_string(), &conv.shop_id, &conv.customer_id)
+                    .await;
+                (conv, span, outcome)
+            }
+            .instrument(inner)
+        }))
+        .buffer_unordered(CONCURRENT_CLAIMS)
+        .collect()
+        .await
+    }
+
+    /// After the statement that recorded claims: confirms a recorded claim in Redis (its
+    /// result), or lets the record settle one that was not recorded (`None`; best effort,
+    /// the pending marker expires anyway).
+    async fn finish_claim(
+        &self,
+        conv: &Conv,
+        claim: &Claimed,
+        recorded: bool,
+    ) -> Option<Result<ConfirmOutcome, SlotError>> {
+        if recorded {
+            let cid = conv.id.to_string();
+            return Some(
+                self.engine
+                    .confirm(&cid, &claim.employee_id, &conv.shop_id)
+                    .await,
+            );
+        }
+        let _ = self.settle(conv, &claim.employee_id).await;
+        None
     }
 
     /// Records automatic claims in one statement (so in one transaction), fenced on the epoch
@@ -1536,17 +1546,10 @@ impl BatchClaims {
         let settled = taken.into_iter().map(|(conv, span, claim)| {
             let inner = span.clone();
             async move {
-                if recorded.contains(&conv.id) {
-                    let cid = conv.id.to_string();
-                    let confirmed = svc
-                        .engine
-                        .confirm(&cid, &claim.employee_id, &conv.shop_id)
-                        .await;
-                    return confirmed.is_ok().then_some(conv.id);
-                }
-                // Fenced or lost: the record decides whether the claim stays.
-                let _ = svc.settle(&conv, &claim.employee_id).await;
-                None
+                let confirmed = svc
+                    .finish_claim(&conv, &claim, recorded.contains(&conv.id))
+                    .await;
+                confirmed.is_some_and(|r| r.is_ok()).then_some(conv.id)
             }
             .instrument(inner)
         });
