@@ -26,6 +26,8 @@ KNOWN_METRICS = {
     "routing_waiting_conversations",
     "routing_slots_in_use",
     "routing_redis_repairs_total",
+    "routing_redis_rebuilds_total",
+    "routing_swept_assignments_total",
     "flow_callback_deliveries_total",
     "flow_callback_dead_lettered_total",
     "outbox_pending",

@@ -14,11 +14,11 @@ use proptest::prelude::*;
 use prost::Message as _;
 use shopctrl_proto::v1 as pb;
 use shopctrl_routing::slots::{
-    Assignment, ClaimKind, HandoverOutcome, SlotEngine, SlotError, SlotMetrics, SlotService,
-    SlotSettings, UnassignedReason,
+    Assignment, ClaimKind, ClaimOutcome, HandoverOutcome, SlotEngine, SlotError, SlotMetrics,
+    SlotService, SlotSettings, UnassignedReason,
 };
 use shopctrl_routing::store::UNASSIGNED_REASON_SQL;
-use shopctrl_testkit::{TestDatabase, TestRedis};
+use shopctrl_testkit::{TcpProxy, TestDatabase, TestRedis};
 use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -948,6 +948,53 @@ async fn slots_shared_across_shops_and_reasons() {
     assert_eq!(summary.forced, 1);
 }
 
+/// A claim whose commit never comes (the process died between the two) holds its slot only
+/// until its pending marker expires. Nothing announces that moment, so the periodic sweep is
+/// what hands the freed slot to the queue.
+#[tokio::test]
+async fn an_abandoned_claim_frees_its_slot_for_the_queue_at_the_next_sweep() {
+    let h = harness(Duration::from_millis(800)).await;
+    h.svc.set_shop_slots("s", 1).await.unwrap();
+    h.svc.set_permission("s", "e", "E", true).await.unwrap();
+    let customer = new_customer(&h.pool, "s").await;
+    let abandoned = new_conversation(&h.pool, "s", customer, 1, "waiting_for_employee").await;
+    let waiting = new_conversation(&h.pool, "s", customer, 2, "waiting_for_employee").await;
+    // The claim is taken in Redis; the transaction that would record it never happens, and
+    // the customer's conversation is closed meanwhile.
+    let claim = h
+        .svc
+        .engine()
+        .claim(&abandoned.to_string(), "s", &customer.to_string())
+        .await
+        .unwrap();
+    assert!(matches!(claim, ClaimOutcome::Claimed(_)), "{claim:?}");
+    close_in_record(&h.pool, abandoned).await;
+    // While the claim is pending the employee is full.
+    assert_eq!(
+        h.svc
+            .assign_waiting(waiting, ClaimKind::Auto)
+            .await
+            .unwrap(),
+        Assignment::Waiting {
+            reason: UnassignedReason::AllFull
+        }
+    );
+    assert_eq!(
+        h.svc.sweep_waiting().await.unwrap(),
+        0,
+        "the claim is still live"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Expired: no event came, the conversation still waits until the sweep.
+    assert_eq!(record(&h.pool, waiting).await.0, "waiting_for_employee");
+    assert_eq!(h.svc.sweep_waiting().await.unwrap(), 1);
+    assert_eq!(record(&h.pool, waiting).await.1.as_deref(), Some("e"));
+    assert_eq!(h.metrics.swept.get(), 1);
+    // Nothing left to do: the next sweep assigns nothing and the log obeys the slot rule.
+    assert_eq!(h.svc.sweep_waiting().await.unwrap(), 0);
+    check_log(&h.pool).await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Concurrency, with a Redis loss in the middle
 
@@ -1513,4 +1560,77 @@ async fn claims_in_a_batch_transaction_count_only_when_it_commits() {
         0,
         "Redis equals the record"
     );
+}
+
+/// A claim whose commit went through but whose confirmation Redis did not hear (the
+/// connection dropped in between) must still be counted once the pending marker would have
+/// expired: the confirmation is retried from the record in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_redis_missed_is_retried_from_the_record() {
+    let h = harness(Duration::from_secs(30)).await;
+    h.svc.set_shop_slots("s", 1).await.unwrap();
+    h.svc.set_permission("s", "e", "E", true).await.unwrap();
+    let customer = new_customer(&h.pool, "s").await;
+    // A second service on the same record and keys, whose Redis connection goes through a
+    // proxy this test cuts.
+    let url = h.redis.url();
+    let host_port = url
+        .trim_start_matches("redis://")
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let proxy = TcpProxy::start(&host_port).await;
+    let proxied = SlotEngine::connect(
+        &format!("redis://{}/", proxy.addr()),
+        h.redis.prefix(),
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    let svc = SlotService::new(
+        h.pool.clone(),
+        proxied,
+        SlotSettings::new("test.messaging.flow"),
+        SlotMetrics::default(),
+    );
+
+    let mut tx = h.pool.begin().await.unwrap();
+    let id = insert_waiting(&mut tx, "s", customer).await;
+    let claims = svc
+        .claim_in_batch(&mut tx, &[(id, tracing::Span::none())])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    proxy.cut();
+    assert!(
+        claims.settle(true).await.is_empty(),
+        "Redis was unreachable: not confirmed now"
+    );
+    proxy.restore();
+    // Past the pending marker's 2 s: without the retry Redis would count nothing for e.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let state = h.svc.engine().inspect("e").await.unwrap().unwrap();
+    assert_eq!(
+        (state.open.clone(), state.live_pending),
+        (vec![id.to_string()], 0),
+        "the committed claim is counted: {state:?}"
+    );
+    // So the employee is full, as the record says.
+    let other = new_conversation(&h.pool, "s", customer, 1, "waiting_for_employee").await;
+    assert_eq!(
+        h.svc.assign_waiting(other, ClaimKind::Auto).await.unwrap(),
+        Assignment::Waiting {
+            reason: UnassignedReason::AllFull
+        }
+    );
+    assert_eq!(
+        h.svc.check_drift().await.unwrap(),
+        0,
+        "Redis equals the record"
+    );
+    check_log(&h.pool).await.unwrap();
 }

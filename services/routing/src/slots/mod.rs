@@ -121,6 +121,9 @@ pub struct SlotMetrics {
     pub rebuilds: Counter,
     /// Manual assignments over the limit (force).
     pub forced: Counter,
+    /// Waiting conversations assigned by the periodic sweep, not by an event: capacity that
+    /// appeared silently (an abandoned claim expired, a repair).
+    pub swept: Counter,
 }
 
 impl SlotMetrics {
@@ -139,6 +142,11 @@ impl SlotMetrics {
             "routing_forced_assignments",
             "Manual assignments over the slot limit",
             self.forced.clone(),
+        );
+        registry.register(
+            "routing_swept_assignments",
+            "Waiting conversations assigned by the periodic sweep rather than by an event",
+            self.swept.clone(),
         );
     }
 }

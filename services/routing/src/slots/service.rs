@@ -149,6 +149,10 @@ fn conv_from_row(row: &sqlx::postgres::PgRow) -> Result<Conv, SlotError> {
 
 const CLAIM_ATTEMPTS: usize = 4;
 const DRAIN_LIMIT: usize = 100_000;
+/// Background settling of a claim whose fate Redis did not hear: first try after the given
+/// wait, then doubling up to this cap, for this many tries (about a minute in all).
+const SETTLE_WAIT_CAP: Duration = Duration::from_secs(5);
+const SETTLE_TRIES: u32 = 16;
 
 /// Slot assignment against PostgreSQL and Redis. Cheap to clone.
 #[derive(Clone)]
@@ -677,15 +681,57 @@ impl SlotService {
         recorded: bool,
     ) -> Option<Result<ConfirmOutcome, SlotError>> {
         if recorded {
-            let cid = conv.id.to_string();
-            return Some(
-                self.engine
-                    .confirm(&cid, &claim.employee_id, &conv.shop_id)
-                    .await,
-            );
+            return Some(self.confirm_committed(conv, &claim.employee_id).await);
         }
         let _ = self.settle(conv, &claim.employee_id).await;
         None
+    }
+
+    /// Confirms in Redis a claim PostgreSQL has committed. If Redis cannot be told now, the
+    /// assignment stands but Redis would stop counting it once the pending marker expires
+    /// (and the employee could be given one conversation too many), so the record is asked
+    /// again and Redis told in the background until that lands.
+    async fn confirm_committed(
+        &self,
+        conv: &Conv,
+        employee: &str,
+    ) -> Result<ConfirmOutcome, SlotError> {
+        let result = self
+            .engine
+            .confirm(&conv.id.to_string(), employee, &conv.shop_id)
+            .await;
+        if let Err(error) = &result {
+            tracing::warn!(conversation = %conv.id, employee, %error,
+                "cannot confirm a committed claim in Redis; retrying in the background");
+            self.settle_in_background(
+                conv.clone(),
+                employee.to_owned(),
+                Duration::from_millis(250),
+            );
+        }
+        result
+    }
+
+    /// [`SlotService::settle`] after `first_wait`, retried with backoff while Redis or the
+    /// database cannot be reached. Gives up after about a minute; the drift check repairs
+    /// whatever is still off by then.
+    fn settle_in_background(&self, conv: Conv, employee: String, first_wait: Duration) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut wait = first_wait;
+            for _ in 0..SETTLE_TRIES {
+                tokio::time::sleep(wait).await;
+                match svc.settle(&conv, &employee).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::debug!(conversation = %conv.id, %employee, %error, "settling a claim failed; retrying");
+                    }
+                }
+                wait = (wait * 2).min(SETTLE_WAIT_CAP);
+            }
+            tracing::warn!(conversation = %conv.id, %employee,
+                "gave up settling a claim in Redis; the drift check will repair the count");
+        });
     }
 
     /// Records automatic claims in one statement (so in one transaction), fenced on the epoch
@@ -764,7 +810,6 @@ impl SlotService {
         manual: bool,
         previous: Option<&str>,
     ) -> Result<Committed, SlotError> {
-        let cid = conv.id.to_string();
         let employee = claim.employee_id.as_str();
         let result = self
             .commit_tx(conv, claim, kind, manual, previous.is_some())
@@ -772,7 +817,7 @@ impl SlotService {
         match result {
             Ok(Committed::Yes) => {
                 // If Redis lost its data meanwhile, the rebuild read this commit.
-                self.engine.confirm(&cid, employee, &conv.shop_id).await?;
+                self.confirm_committed(conv, employee).await?;
                 if let Some(previous) = previous.filter(|p| *p != employee) {
                     let open_after = self.open_count_redis(previous).await?;
                     self.log_plain(conv, previous, "released", open_after, claim)
@@ -785,8 +830,13 @@ impl SlotService {
                 Ok(other)
             }
             Err(error) => {
-                // Best effort: the pending marker expires anyway.
-                let _ = self.settle(conv, employee).await;
+                // The commit's answer may have been lost while the commit went through: a
+                // second later the record says which (as for a batch's claims).
+                self.settle_in_background(
+                    conv.clone(),
+                    employee.to_owned(),
+                    Duration::from_secs(1),
+                );
                 Err(error)
             }
         }
@@ -1475,7 +1525,34 @@ impl SlotService {
         Ok(repaired)
     }
 
-    /// The periodic drift check (which also triggers a rebuild after a loss), until shutdown.
+    /// Drains every shop that has conversations waiting for an employee. Capacity can appear
+    /// with no event to announce it: a claim whose commit never came (the process died in
+    /// between) frees its slot when its pending marker expires, and a drift repair may remove
+    /// conversations. A shop where nobody is free costs one refused claim. Returns how many
+    /// conversations were assigned.
+    pub async fn sweep_waiting(&self) -> Result<u32, SlotError> {
+        let shops: Vec<String> = sqlx::query_scalar(
+            "select distinct shop_id from conversations
+             where state = 'waiting_for_employee' order by shop_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        if shops.is_empty() {
+            return Ok(0);
+        }
+        let assigned = self.drain_shops(&shops).await?;
+        if assigned > 0 {
+            tracing::info!(
+                assigned,
+                "the periodic sweep assigned waiting conversations"
+            );
+            self.metrics.swept.inc_by(u64::from(assigned));
+        }
+        Ok(assigned)
+    }
+
+    /// The periodic drift check (which also triggers a rebuild after a loss) and the sweep of
+    /// the waiting queue, until shutdown.
     pub async fn run_maintenance(self, interval: Duration, shutdown: CancellationToken) {
         loop {
             tokio::select! {
@@ -1484,6 +1561,10 @@ impl SlotService {
             }
             if let Err(error) = self.check_drift().await {
                 tracing::warn!(%error, "slot drift check failed");
+                continue;
+            }
+            if let Err(error) = self.sweep_waiting().await {
+                tracing::warn!(%error, "sweep of the waiting queue failed");
             }
         }
     }
@@ -1534,12 +1615,9 @@ impl BatchClaims {
             // itself went through. Reading the record at once could miss a commit still
             // being made visible and give back a slot it holds; a second later the record
             // decides safely (and the pending markers expire anyway).
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                for (conv, _, claim) in taken {
-                    let _ = svc.settle(&conv, &claim.employee_id).await;
-                }
-            });
+            for (conv, _, claim) in taken {
+                svc.settle_in_background(conv, claim.employee_id, Duration::from_secs(1));
+            }
             return HashSet::new();
         }
         let (svc, recorded) = (&svc, &recorded);
