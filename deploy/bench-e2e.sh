@@ -2,7 +2,7 @@
 # End-to-end benchmark: config, routing, ingress and flow-callback (release builds) as separate
 # processes against the local PostgreSQL, Redis and RabbitMQ, driven through the public doors by
 # `mb-simulator bench` (signed webhooks, flow handovers; it reads routing's record for the
-# latencies). Samples the peak resident memory of every service while it runs.
+# latencies). Reports the peak resident memory of every service (the kernel's high-water mark).
 #
 # Settings: BENCH_RATE (1000 webhooks/s offered in the latency phase), BENCH_SECONDS (10 per
 # phase), BENCH_CONCURRENCY (128 in flight in the throughput phase), BENCH_SHOPS (20),
@@ -80,20 +80,6 @@ start flow-callback 19124 env CONFIG_GRPC_URL=http://127.0.0.1:$CONFIG_PORT \
   "$BIN/flow-callback" serve
 for s in routing:19122 ingress:19123 flow-callback:19124; do wait_ready "${s%%:*}" "${s##*:}"; done
 
-# Peak resident memory of each service, sampled every 0.5 s while the client runs.
-( declare -A peak
-  while true; do
-    while read -r name pid; do
-      rss=$(ps -o rss= -p "$pid" 2>/dev/null | tr -d ' ')
-      [[ -n "$rss" && "$rss" -gt "${peak[$name]:-0}" ]] && peak[$name]=$rss
-    done <"$WORK/pids"
-    for name in "${!peak[@]}"; do echo "$name ${peak[$name]}"; done >"$WORK/rss.tmp"
-    mv "$WORK/rss.tmp" "$WORK/rss"
-    sleep 0.5
-  done ) &
-RSS_PID=$!
-PIDS+=($RSS_PID)
-
 echo "running the client: $SHOPS shops x $AGENTS agents, ${RATE}/s for ${SECONDS_PER_PHASE}s, then $CONCURRENCY in flight for ${SECONDS_PER_PHASE}s, then handovers..."
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 "$BIN/mb-simulator" bench --config-grpc http://127.0.0.1:$CONFIG_PORT \
@@ -101,7 +87,11 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
   --database-url "$DATABASE_URL" --flow-listen 127.0.0.1:$FLOW_PORT \
   --shops "$SHOPS" --agents "$AGENTS" --rate "$RATE" --seconds "$SECONDS_PER_PHASE" \
   --concurrency "$CONCURRENCY" >"$WORK/report.json"
-kill "$RSS_PID" 2>/dev/null || true
+# Peak resident memory of each service since it started, as the kernel tracks it (VmHWM): no
+# sampling process competing for the two cores while the client runs.
+while read -r name pid; do
+  echo "$name $(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)"
+done <"$WORK/pids" >"$WORK/rss"
 
 j() { python3 -c "import json,sys; d=json.load(open('$WORK/report.json')); v=d$1; print(('%.1f' % v) if isinstance(v, float) else v)"; }
 echo
