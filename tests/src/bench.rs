@@ -231,13 +231,29 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             handover_secret,
         });
     }
+    // Let routing apply the config events of the seeding first (every agent a candidate of
+    // every shop), so the cold start measures a shop's first conversation, not a backlog of
+    // config events. A fixed pause was too short on a slow machine.
+    let candidates = (shops.len() * args.agents) as i64;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let applied: i64 = sqlx::query_scalar("select count(*) from routing.slot_candidates")
+            .fetch_one(&pool)
+            .await?;
+        if applied >= candidates {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "routing applied {applied} of {candidates} chat permissions within 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let handover_shop = shops.pop().context("no handover shop")?;
     let shops = Arc::new(shops);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
-    // Let routing's copy of the config settle (events), so no claim meets a half-seeded shop.
-    tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Cold start, measured on its own: each shop's first conversation, one every 50 ms. It
     // pays for what the stack loads once per shop (ingress's signing key, routing's copy of
