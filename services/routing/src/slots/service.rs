@@ -1528,19 +1528,20 @@ impl SlotService {
     /// Drains every shop that has conversations waiting for an employee. Capacity can appear
     /// with no event to announce it: a claim whose commit never came (the process died in
     /// between) frees its slot when its pending marker expires, and a drift repair may remove
-    /// conversations. A shop where nobody is free costs one refused claim. Returns how many
-    /// conversations were assigned.
+    /// conversations. Shops are drained one at a time, the one waiting longest first, so each
+    /// step reads one shop's queue through its index; a shop where nobody is free costs one
+    /// refused claim. Returns how many conversations were assigned.
     pub async fn sweep_waiting(&self) -> Result<u32, SlotError> {
         let shops: Vec<String> = sqlx::query_scalar(
-            "select distinct shop_id from conversations
-             where state = 'waiting_for_employee' order by shop_id",
+            "select shop_id from conversations where state = 'waiting_for_employee'
+             group by shop_id order by min(waiting_since), shop_id",
         )
         .fetch_all(&self.pool)
         .await?;
-        if shops.is_empty() {
-            return Ok(0);
+        let mut assigned = 0;
+        for shop in shops {
+            assigned += self.drain_shops(std::slice::from_ref(&shop)).await?;
         }
-        let assigned = self.drain_shops(&shops).await?;
         if assigned > 0 {
             tracing::info!(
                 assigned,
