@@ -92,6 +92,9 @@ impl App {
             sink: Arc::new(publisher.clone()),
             metrics,
             clock: system_clock(),
+            admission: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_in_flight_requests.max(1),
+            )),
         };
         let listener = TcpListener::bind(settings.http_listen_addr)
             .await

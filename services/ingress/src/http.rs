@@ -20,6 +20,7 @@ use prost::Message as _;
 use shopctrl_amqp::{Outgoing, PublishError};
 use shopctrl_domain::{ShardCount, shard_routing_key};
 use shopctrl_proto::v1::{EventMeta, HandoverRequest, InboundWebhookEvent, IngressShop};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::{
@@ -72,6 +73,8 @@ pub struct AppState {
     pub sink: Arc<dyn EventSink>,
     pub metrics: Metrics,
     pub clock: Clock,
+    /// Admission: one permit per request handled at once (`MAX_IN_FLIGHT_REQUESTS`).
+    pub admission: Arc<Semaphore>,
 }
 
 /// The system clock.
@@ -168,7 +171,11 @@ fn refuse(state: &AppState, route: &'static str, refusal: Refusal, detail: &str)
             status: status.as_u16(),
         })
         .inc();
-    if status.is_server_error() {
+    if reason == "overloaded" {
+        // One line per shed request would flood the logs exactly when the service is busiest;
+        // the refusal counter shows it.
+        tracing::debug!(route, "request shed: too many in flight");
+    } else if status.is_server_error() {
         tracing::warn!(
             route,
             status = status.as_u16(),
@@ -393,6 +400,15 @@ async fn webhook(
 ) -> Response {
     let span = tracing::info_span!("webhook", shop_id = %shop_id, event_id = tracing::field::Empty);
     set_parent(&span, request.headers());
+    // Over the limit: refused before the body is read, so it costs no memory and no wait.
+    let Ok(_admitted) = state.admission.clone().try_acquire_owned() else {
+        return refuse(
+            &state,
+            ROUTE_WEBHOOK,
+            Refusal::Unavailable("overloaded"),
+            "",
+        );
+    };
     let _in_flight = InFlight::start(&state.metrics);
     match handle_webhook(&state, &shop_id, request)
         .instrument(span)
@@ -507,6 +523,15 @@ async fn handover(
     let span =
         tracing::info_span!("handover", shop_id = %shop_id, event_id = tracing::field::Empty);
     set_parent(&span, request.headers());
+    // Over the limit: refused before the body is read, so it costs no memory and no wait.
+    let Ok(_admitted) = state.admission.clone().try_acquire_owned() else {
+        return refuse(
+            &state,
+            ROUTE_HANDOVER,
+            Refusal::Unavailable("overloaded"),
+            "",
+        );
+    };
     let _in_flight = InFlight::start(&state.metrics);
     match handle_handover(&state, &shop_id, request)
         .instrument(span)

@@ -102,6 +102,11 @@ pub struct Settings {
     /// Retry-After on 503 answers.
     #[arg(long, env = "RETRY_AFTER_SECONDS", default_value_t = 5)]
     pub retry_after_seconds: u32,
+    /// Requests handled at once; more get 503 with Retry-After at once instead of queueing.
+    /// Bounds memory (at most this many bodies of up to MAX_BODY_BYTES) and keeps the latency
+    /// of accepted requests flat when MessageBird sends faster than the broker confirms.
+    #[arg(long, env = "MAX_IN_FLIGHT_REQUESTS", default_value_t = 512)]
+    pub max_in_flight_requests: usize,
     /// Longest wait for in-flight requests at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     pub shutdown_grace_seconds: u64,

@@ -66,11 +66,17 @@ impl ShopKeys for Shops {
 struct RecordingSink {
     published: Mutex<Vec<(String, String, Vec<u8>)>>,
     fail_with: Mutex<Option<fn() -> PublishError>>,
+    /// When set, each publish waits for a permit: the confirm is late.
+    gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 impl EventSink for RecordingSink {
     fn publish<'a>(&'a self, message: Outgoing<'a>) -> BoxFuture<'a, Result<(), PublishError>> {
         Box::pin(async move {
+            let gate = self.gate.lock().expect("lock").clone();
+            if let Some(gate) = gate {
+                gate.acquire().await.expect("gate open").forget();
+            }
             if let Some(fail) = *self.fail_with.lock().expect("lock") {
                 return Err(fail());
             }
@@ -91,6 +97,7 @@ impl EventSink for RecordingSink {
 struct Harness {
     state: AppState,
     sink: Arc<RecordingSink>,
+    registry: Registry,
 }
 
 fn harness(legacy_enabled: bool) -> Harness {
@@ -147,8 +154,13 @@ fn harness(legacy_enabled: bool) -> Harness {
         sink: sink.clone(),
         metrics: Metrics::new(&mut registry),
         clock: Arc::new(|| NOW),
+        admission: Arc::new(tokio::sync::Semaphore::new(64)),
     };
-    Harness { state, sink }
+    Harness {
+        state,
+        sink,
+        registry,
+    }
 }
 
 fn body() -> Vec<u8> {
@@ -647,4 +659,74 @@ proptest::proptest! {
             Ok(())
         })?;
     }
+}
+
+/// More requests than MAX_IN_FLIGHT_REQUESTS at once: the extra one is refused at once with
+/// 503 and Retry-After, counted, and not published; once a slot frees, the same webhook is
+/// accepted.
+#[tokio::test]
+async fn requests_over_the_in_flight_limit_are_shed_with_503() {
+    let mut h = harness(false);
+    h.state.admission = Arc::new(tokio::sync::Semaphore::new(1));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *h.sink.gate.lock().expect("lock") = Some(gate.clone());
+    let body = body();
+    let first_jwt = token(TARGET, &body, "jti-first");
+    let second_jwt = token(TARGET, &body, "jti-second");
+    let h = Arc::new(h);
+    let first = {
+        let (h, body) = (h.clone(), body.clone());
+        tokio::spawn(async move {
+            let headers = [
+                ("content-type", "application/json"),
+                ("messagebird-signature-jwt", first_jwt.as_str()),
+            ];
+            send(&h, "POST", TARGET, &headers, body).await
+        })
+    };
+    // The first request holds the only permit while its confirm is late.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.state.admission.available_permits() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let headers = [
+        ("content-type", "application/json"),
+        ("messagebird-signature-jwt", second_jwt.as_str()),
+    ];
+    let (status, json, retry_after) = send(&h, "POST", TARGET, &headers, body.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+    assert_eq!(json["reason"], "overloaded");
+    assert_eq!(retry_after.as_deref(), Some("7"));
+    assert_eq!(published(&h), 0);
+    let (status, _, retry_after) = send(
+        &h,
+        "POST",
+        "/flows/messagebird/s1/handover",
+        &[("content-type", "application/json")],
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, retry_after.as_deref()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("7")),
+        "the handover endpoint shares the limit"
+    );
+    // The confirm arrives: the first is accepted, and MessageBird's retry of the second too.
+    gate.add_permits(2);
+    let (status, _, _) = first.await.expect("first request");
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(&h, "POST", TARGET, &headers, body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(published(&h), 2);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &h.registry).expect("encode");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ingress_refusals_total{reason=\"overloaded\"} 2")),
+        "{text}"
+    );
 }
