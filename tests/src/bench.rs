@@ -256,8 +256,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .build()?;
 
     // Cold start, measured on its own: each shop's first conversation, one every 50 ms. It
-    // pays for what the stack loads once per shop (ingress's signing key, routing's copy of
-    // the shop and its slot sync), which would otherwise sit in the steady-state percentiles.
+    // pays for what the stack loads on a shop's first webhook (ingress's signing key, routing's
+    // first lookups of the shop), which would otherwise sit in the steady-state percentiles.
+    // Routing's slot sync of the shop already happened while the seeding was applied.
     let mut cold_starts = HashMap::new();
     for (index, shop) in shops.iter().enumerate() {
         let conversation = Conversation::new(Channel::WhatsApp, &format!("3167{:07}", index));

@@ -953,7 +953,7 @@ async fn slots_shared_across_shops_and_reasons() {
 /// what hands the freed slot to the queue.
 #[tokio::test]
 async fn an_abandoned_claim_frees_its_slot_for_the_queue_at_the_next_sweep() {
-    let h = harness(Duration::from_millis(800)).await;
+    let h = harness(Duration::from_secs(3)).await;
     h.svc.set_shop_slots("s", 1).await.unwrap();
     h.svc.set_permission("s", "e", "E", true).await.unwrap();
     let customer = new_customer(&h.pool, "s").await;
@@ -984,7 +984,7 @@ async fn an_abandoned_claim_frees_its_slot_for_the_queue_at_the_next_sweep() {
         0,
         "the claim is still live"
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     // Expired: no event came, the conversation still waits until the sweep.
     assert_eq!(record(&h.pool, waiting).await.0, "waiting_for_employee");
     assert_eq!(h.svc.sweep_waiting().await.unwrap(), 1);
@@ -1562,19 +1562,12 @@ async fn claims_in_a_batch_transaction_count_only_when_it_commits() {
     );
 }
 
-/// A claim whose commit went through but whose confirmation Redis did not hear (the
-/// connection dropped in between) must still be counted once the pending marker would have
-/// expired: the confirmation is retried from the record in the background.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_confirmation_redis_missed_is_retried_from_the_record() {
-    let h = harness(Duration::from_secs(30)).await;
-    h.svc.set_shop_slots("s", 1).await.unwrap();
-    h.svc.set_permission("s", "e", "E", true).await.unwrap();
-    let customer = new_customer(&h.pool, "s").await;
-    // A second service on the same record and keys, whose Redis connection goes through a
-    // proxy this test cuts.
-    let url = h.redis.url();
-    let host_port = url
+/// A second service on the harness's record and keys, whose Redis connection goes through a
+/// proxy the test cuts.
+async fn proxied_service(h: &Harness, pending_ttl: Duration) -> (SlotService, TcpProxy) {
+    let host_port = h
+        .redis
+        .url()
         .trim_start_matches("redis://")
         .rsplit('@')
         .next()
@@ -1584,19 +1577,73 @@ async fn a_confirmation_redis_missed_is_retried_from_the_record() {
         .unwrap()
         .to_owned();
     let proxy = TcpProxy::start(&host_port).await;
-    let proxied = SlotEngine::connect(
+    let engine = SlotEngine::connect(
         &format!("redis://{}/", proxy.addr()),
         h.redis.prefix(),
-        Duration::from_secs(2),
+        pending_ttl,
     )
     .await
     .unwrap();
     let svc = SlotService::new(
         h.pool.clone(),
-        proxied,
+        engine,
         SlotSettings::new("test.messaging.flow"),
         SlotMetrics::default(),
     );
+    (svc, proxy)
+}
+
+/// A batch that did not commit has its claims given back in the background, retried while
+/// Redis is out of reach. Once the claim could have expired, a retry must not give anything
+/// back: the conversation may have been claimed again (here for the same employee), and
+/// rolling back would take that newer claim and free a slot that is in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_retry_never_gives_back_a_newer_claim() {
+    let h = harness(Duration::from_secs(30)).await;
+    h.svc.set_shop_slots("s", 1).await.unwrap();
+    h.svc.set_permission("s", "e", "E", true).await.unwrap();
+    let customer = new_customer(&h.pool, "s").await;
+    let (svc, proxy) = proxied_service(&h, Duration::from_secs(2)).await;
+    let id = new_conversation(&h.pool, "s", customer, 1, "waiting_for_employee").await;
+
+    // The batch claims, then fails to commit; Redis is unreachable when it tries to settle.
+    let mut tx = h.pool.begin().await.unwrap();
+    let claims = svc
+        .claim_in_batch(&mut tx, &[(id, tracing::Span::none())])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    proxy.cut();
+    assert!(claims.settle(false).await.is_empty());
+    // The claim expires (2 s) and the conversation is claimed again, for e (the only one).
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let again = h
+        .svc
+        .engine()
+        .claim(&id.to_string(), "s", &customer.to_string())
+        .await
+        .unwrap();
+    assert!(matches!(again, ClaimOutcome::Claimed(_)), "{again:?}");
+    // Redis is back while the first claim's settle still retries (its next try is due at 3 s).
+    proxy.restore();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let state = h.svc.engine().inspect("e").await.unwrap().unwrap();
+    assert_eq!(
+        state.live_pending, 1,
+        "the newer claim still holds e's slot: {state:?}"
+    );
+}
+
+/// A claim whose commit went through but whose confirmation Redis did not hear (the
+/// connection dropped in between) must still be counted once the pending marker would have
+/// expired: the confirmation is retried from the record in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmation_redis_missed_is_retried_from_the_record() {
+    let h = harness(Duration::from_secs(30)).await;
+    h.svc.set_shop_slots("s", 1).await.unwrap();
+    h.svc.set_permission("s", "e", "E", true).await.unwrap();
+    let customer = new_customer(&h.pool, "s").await;
+    let (svc, proxy) = proxied_service(&h, Duration::from_secs(2)).await;
 
     let mut tx = h.pool.begin().await.unwrap();
     let id = insert_waiting(&mut tx, "s", customer).await;

@@ -551,6 +551,34 @@ impl Stack {
             .expect("chat permission");
     }
 
+    /// Waits until routing has made `employee` a slot candidate of `shop` (config events
+    /// travel on their own), for a test whose count of flow events needs the permission applied
+    /// before a handover rather than racing it. A precondition read, not a rule checked.
+    pub async fn wait_candidate(&self, shop: &str, employee: &str) {
+        let pool = self.backends.db.pool().await;
+        let applied = eventually(Duration::from_secs(20), || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "select count(*) from routing.slot_candidates
+                     where shop_id = $1 and employee_id = $2",
+                )
+                .bind(shop)
+                .bind(employee)
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .filter(|n| *n > 0)
+            }
+        })
+        .await;
+        pool.close().await;
+        assert!(
+            applied.is_some(),
+            "routing never applied {employee}'s permission at {shop}"
+        );
+    }
+
     /// Sends a signed webhook to ingress; returns the status.
     pub async fn send_webhook(&self, shop: &TestShop, body: &serde_json::Value) -> u16 {
         let body = serde_json::to_vec(body).unwrap();

@@ -193,6 +193,11 @@ impl SlotEngine {
         }
     }
 
+    /// How long a claim stays pending before Redis stops counting it.
+    pub fn pending_ttl(&self) -> Duration {
+        Duration::from_millis(self.pending_ttl_ms)
+    }
+
     /// The full key prefix, hash tag included.
     pub fn key_prefix(&self) -> &str {
         &self.prefix

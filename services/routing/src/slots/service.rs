@@ -2,7 +2,14 @@
 //! log, stickiness), Redis follows it. Every claim is pending in Redis, committed in
 //! PostgreSQL (fenced on the Redis epoch), then confirmed; a failed commit gives the slot back.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -150,9 +157,14 @@ fn conv_from_row(row: &sqlx::postgres::PgRow) -> Result<Conv, SlotError> {
 const CLAIM_ATTEMPTS: usize = 4;
 const DRAIN_LIMIT: usize = 100_000;
 /// Background settling of a claim whose fate Redis did not hear: first try after the given
-/// wait, then doubling up to this cap, for this many tries (about a minute in all).
+/// wait, then doubling up to this cap, until this long has passed.
 const SETTLE_WAIT_CAP: Duration = Duration::from_secs(5);
-const SETTLE_TRIES: u32 = 16;
+const SETTLE_FOR: Duration = Duration::from_secs(60);
+/// Beyond this many background settles at once (a long outage at high load), new ones are not
+/// started: their claims expire by themselves and the drift check repairs the counts.
+const SETTLE_MAX_OUTSTANDING: usize = 10_000;
+/// The advisory lock that lets one replica at a time sweep the waiting queue.
+const SWEEP_LOCK: i64 = 0x7377_6565_705f_7131;
 
 /// Slot assignment against PostgreSQL and Redis. Cheap to clone.
 #[derive(Clone)]
@@ -161,6 +173,8 @@ pub struct SlotService {
     engine: SlotEngine,
     settings: SlotSettings,
     metrics: SlotMetrics,
+    /// Background settles under way (bounded by [`SETTLE_MAX_OUTSTANDING`]).
+    settling: Arc<AtomicUsize>,
 }
 
 impl SlotService {
@@ -175,6 +189,7 @@ impl SlotService {
             engine,
             settings,
             metrics,
+            settling: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -554,13 +569,26 @@ impl SlotService {
                 Err(error) => results.push((conv.id, Err(error))),
             }
         }
+        let recorded = if taken.is_empty() {
+            HashSet::new()
+        } else {
+            match Self::commit_claims_on(&self.pool, &taken, kind).await {
+                Ok(ids) => ids,
+                Err(error) => {
+                    // The statement's answer may be lost while it committed: a second later
+                    // the record says which. Until then the claims are in flight (busy).
+                    tracing::warn!(%error, claims = taken.len(), "recording a batch of claims failed");
+                    for (conv, _, claim) in std::mem::take(&mut taken) {
+                        results.push((conv.id, Err(SlotError::Busy)));
+                        self.settle_in_background(conv, claim.employee_id, Duration::from_secs(1));
+                    }
+                    HashSet::new()
+                }
+            }
+        };
         if !taken.is_empty() {
-            let recorded = Self::commit_claims_on(&self.pool, &taken, kind).await;
             let settled = taken.into_iter().map(|(conv, span, claim)| {
-                let recorded = match &recorded {
-                    Ok(ids) => ids.contains(&conv.id),
-                    Err(_) => false,
-                };
+                let recorded = recorded.contains(&conv.id);
                 let inner = span.clone();
                 async move {
                     // Not recorded (fenced, lost or not written): then the conversation is
@@ -712,26 +740,46 @@ impl SlotService {
         result
     }
 
-    /// [`SlotService::settle`] after `first_wait`, retried with backoff while Redis or the
-    /// database cannot be reached. Gives up after about a minute; the drift check repairs
-    /// whatever is still off by then.
+    /// Settles a claim after `first_wait`, retried with backoff while Redis or the database
+    /// cannot be reached, for about a minute; the drift check repairs whatever is still off
+    /// by then. Giving the claim back is allowed only in the first half of its pending life:
+    /// later the claim may have expired and the conversation been claimed again (often for
+    /// the same employee), and a rollback would take that newer claim. An expired claim needs
+    /// no giving back anyway.
     fn settle_in_background(&self, conv: Conv, employee: String, first_wait: Duration) {
-        let svc = self.clone();
-        tokio::spawn(async move {
-            let mut wait = first_wait;
-            for _ in 0..SETTLE_TRIES {
-                tokio::time::sleep(wait).await;
-                match svc.settle(&conv, &employee).await {
-                    Ok(()) => return,
-                    Err(error) => {
-                        tracing::debug!(conversation = %conv.id, %employee, %error, "settling a claim failed; retrying");
-                    }
-                }
-                wait = (wait * 2).min(SETTLE_WAIT_CAP);
-            }
+        if self.settling.fetch_add(1, Ordering::SeqCst) >= SETTLE_MAX_OUTSTANDING {
+            self.settling.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(conversation = %conv.id, %employee,
-                "gave up settling a claim in Redis; the drift check will repair the count");
-        });
+                "too many claims waiting to be settled; leaving this one to expire and to the drift check");
+            return;
+        }
+        let svc = self.clone();
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                let started = tokio::time::Instant::now();
+                let release_until = started + svc.engine.pending_ttl() / 2;
+                let mut wait = first_wait;
+                loop {
+                    tokio::time::sleep(wait).await;
+                    let may_release = tokio::time::Instant::now() < release_until;
+                    match svc.settle_checked(&conv, &employee, may_release).await {
+                        Ok(()) => break,
+                        Err(error) if started.elapsed() < SETTLE_FOR => {
+                            tracing::debug!(conversation = %conv.id, %employee, %error, "settling a claim failed; retrying");
+                        }
+                        Err(error) => {
+                            tracing::warn!(conversation = %conv.id, %employee, %error,
+                                "gave up settling a claim in Redis; the drift check will repair the count");
+                            break;
+                        }
+                    }
+                    wait = (wait * 2).min(SETTLE_WAIT_CAP);
+                }
+                svc.settling.fetch_sub(1, Ordering::SeqCst);
+            }
+            .instrument(span),
+        );
     }
 
     /// Records automatic claims in one statement (so in one transaction), fenced on the epoch
@@ -844,24 +892,41 @@ impl SlotService {
 
     /// After a commit that did not happen: the record decides whether the claim stays.
     pub(crate) async fn settle(&self, conv: &Conv, employee: &str) -> Result<(), SlotError> {
+        self.settle_checked(conv, employee, true).await
+    }
+
+    /// Tells Redis what the record says about this claim. The row is read `for share` and held
+    /// across the Redis call, so a close or transfer committing meanwhile is ordered after it
+    /// (and its own Redis update comes after this one), never undone by a stale confirm.
+    async fn settle_checked(
+        &self,
+        conv: &Conv,
+        employee: &str,
+        may_release: bool,
+    ) -> Result<(), SlotError> {
         let cid = conv.id.to_string();
+        let mut tx = self.pool.begin().await?;
         let now: Option<(String, Option<String>)> = sqlx::query_as(
-            "select state, assignee_employee_id from conversations where conversation_id = $1",
+            "select state, assignee_employee_id from conversations
+             where conversation_id = $1 for share",
         )
         .bind(conv.id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         match now {
-            // Someone else committed the same employee: make sure Redis counts it.
+            // Committed for this employee: make sure Redis counts it.
             Some((state, Some(assignee))) if state == "assigned" && assignee == employee => {
                 self.engine.confirm(&cid, employee, &conv.shop_id).await?;
             }
-            _ => {
+            _ if may_release => {
                 self.engine
                     .release(&cid, Some(employee), ReleaseMode::Rollback)
                     .await?;
             }
+            // Too late to give back safely; the claim has expired or is about to.
+            _ => {}
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1530,8 +1595,32 @@ impl SlotService {
     /// between) frees its slot when its pending marker expires, and a drift repair may remove
     /// conversations. Shops are drained one at a time, the one waiting longest first, so each
     /// step reads one shop's queue through its index; a shop where nobody is free costs one
-    /// refused claim. Returns how many conversations were assigned.
+    /// refused claim, and a shop that fails is logged and skipped. One replica at a time sweeps
+    /// (an advisory lock); the others return 0 at once. Returns how many were assigned.
     pub async fn sweep_waiting(&self) -> Result<u32, SlotError> {
+        // A session-level lock on a connection of its own: released when the sweep ends, or
+        // with the connection if the process dies.
+        let mut lock = self.pool.acquire().await?;
+        let locked: bool = sqlx::query_scalar("select pg_try_advisory_lock($1)")
+            .bind(SWEEP_LOCK)
+            .fetch_one(&mut *lock)
+            .await?;
+        if !locked {
+            return Ok(0);
+        }
+        let swept = self.sweep_shops().await;
+        let unlocked = sqlx::query("select pg_advisory_unlock($1)")
+            .bind(SWEEP_LOCK)
+            .execute(&mut *lock)
+            .await;
+        if unlocked.is_err() {
+            // The lock must not outlive the sweep on a pooled connection.
+            lock.detach();
+        }
+        swept
+    }
+
+    async fn sweep_shops(&self) -> Result<u32, SlotError> {
         let shops: Vec<String> = sqlx::query_scalar(
             "select shop_id from conversations where state = 'waiting_for_employee'
              group by shop_id order by min(waiting_since), shop_id",
@@ -1540,7 +1629,12 @@ impl SlotService {
         .await?;
         let mut assigned = 0;
         for shop in shops {
-            assigned += self.drain_shops(std::slice::from_ref(&shop)).await?;
+            match self.drain_shops(std::slice::from_ref(&shop)).await {
+                Ok(n) => assigned += n,
+                Err(error) => {
+                    tracing::warn!(shop_id = %shop, %error, "sweeping a shop's queue failed");
+                }
+            }
         }
         if assigned > 0 {
             tracing::info!(
@@ -1562,7 +1656,6 @@ impl SlotService {
             }
             if let Err(error) = self.check_drift().await {
                 tracing::warn!(%error, "slot drift check failed");
-                continue;
             }
             if let Err(error) = self.sweep_waiting().await {
                 tracing::warn!(%error, "sweep of the waiting queue failed");
