@@ -34,6 +34,11 @@ cleanup() {
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   psql -h 127.0.0.1 -U postgres -qc "drop database if exists \"$DB_NAME\" with (force)" >/dev/null 2>&1 || true
   redis-cli --scan --pattern "bench-e2e-$$:*" 2>/dev/null | xargs -r -n 500 redis-cli del >/dev/null 2>&1 || true
+  # The exchanges (and the shard queues) under the run's prefix, through AMQP.
+  if [[ -x "${BIN:-}/ingress-bench" ]]; then
+    timeout 60 "$BIN/ingress-bench" teardown --amqp-url "$AMQP_URL" --prefix "$AMQP_PREFIX" \
+      --shards "$ROUTING_SHARDS" >/dev/null 2>&1 || true
+  fi
   if command -v rabbitmqctl >/dev/null; then
     for q in $(timeout 60 rabbitmqctl list_queues -q name 2>/dev/null | grep "^bench-e2e-$$\." || true); do
       timeout 30 rabbitmqctl delete_queue "$q" >/dev/null 2>&1 || true

@@ -198,13 +198,21 @@ async fn main() -> anyhow::Result<()> {
                     )
                     .await;
             }
-            let channel = conn.create_channel().await?;
-            let _ = channel
-                .exchange_delete(
-                    names.inbound_exchange().as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await;
+            // Every exchange a service declares under the prefix (ingress declares the config
+            // exchange it listens on), so a benchmark leaves nothing on the broker.
+            for exchange in [
+                names.inbound_exchange(),
+                names.flow_exchange(),
+                names.outbound_exchange(),
+                names.notify_exchange(),
+                names.config_exchange(),
+                names.dead_letter_exchange(),
+            ] {
+                let channel = conn.create_channel().await?;
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
             let _ = conn.close(200, "ok".into()).await;
         }
         Cmd::BarePublish {
