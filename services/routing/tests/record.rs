@@ -688,7 +688,14 @@ async fn a_batch_applies_its_events_as_if_one_by_one() {
     let hook: CommitHook = {
         let largest = largest.clone();
         Arc::new(move |committed: &Committed| {
-            largest.fetch_max(committed.received_at.len(), Ordering::SeqCst);
+            let before = largest.fetch_max(committed.received_at.len(), Ordering::SeqCst);
+            if before == 0 {
+                // A batch is what is already prefetched. On a slow machine the first
+                // deliveries can trickle in one at a time; holding the first commit a moment
+                // lets the rest arrive (the client's I/O thread keeps receiving), so the next
+                // batch holds several events, which is what this test is about.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
         })
     };
     let service = env.spawn(None, Some(hook)).await;
