@@ -133,12 +133,19 @@ PUB0=$(metric 'ingress_published_total{kind="webhook"}'); REP0=$(metric 'ingress
     rss=$(ps -o rss= -p "$INGRESS_PID" | tr -d ' '); [[ -n "$rss" && "$rss" -gt "$peak" ]] && peak=$rss
     echo "$peak" >"$WORK/rss"; sleep 0.5; done ) &
 RSS_PID=$!
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$INGRESS_PID/stat"; }
+CPU0=$(cpu_ticks)
 read -r ING_RPS ING_P50 ING_P99 ING_NON2XX < <(run_wrk ingress "$WORK/full" "http://127.0.0.1:$HTTP_PORT" "$CONNECTIONS")
+CPU1=$(cpu_ticks)
 kill "$RSS_PID" 2>/dev/null || true; wait "$RSS_PID" 2>/dev/null || true
 RSS_MIB=$(awk '{ printf "%.1f", $1 / 1024 }' "$WORK/rss")
 PUB1=$(metric 'ingress_published_total{kind="webhook"}'); REP1=$(metric 'ingress_replays_total')
 PUBLISHED=$(awk -v a="$PUB0" -v b="$PUB1" 'BEGIN { printf "%d", b - a }')
 REPLAYS=$(awk -v a="$REP0" -v b="$REP1" 'BEGIN { printf "%d", b - a }')
+# CPU time the ingress process spent per published webhook: steadier than req/s on a shared,
+# noisy machine, and what the throughput ceiling comes down to when every core is busy.
+CPU_US=$(awk -v a="$CPU0" -v b="$CPU1" -v n="$PUBLISHED" -v hz="$(getconf CLK_TCK)" \
+  'BEGIN { if (n > 0) printf "%.0f", (b - a) / hz * 1e6 / n; else print "n/a" }')
 
 
 echo "bare confirmed publisher ($CONNECTIONS in flight, ${DURATION}s)..."
@@ -154,8 +161,10 @@ echo "## Ingress benchmark $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(unam
 printf '| run | req/s | p50 ms | p99 ms | notes |\n|---|---|---|---|---|\n'
 printf '| plain HTTP server (no verify, no publish), %s conns | %s | %s | %s | ceiling of HTTP + wrk on this box |\n' "$CONNECTIONS" "$PLAIN_RPS" "$PLAIN_P50" "$PLAIN_P99"
 printf '| bare confirmed publisher, %s in flight | %s | %s | %s | ceiling of RabbitMQ confirms (quorum, 4 shard queues) |\n' "$CONNECTIONS" "$BARE_RPS" "$BARE_P50" "$BARE_P99"
-printf '| **ingress**, verified webhooks, %s conns | **%s** | %s | %s | non-2xx %s; published %s; replays %s; peak RSS %s MiB |\n' "$CONNECTIONS" "$ING_RPS" "$ING_P50" "$ING_P99" "$ING_NON2XX" "$PUBLISHED" "$REPLAYS" "$RSS_MIB"
+printf '| **ingress**, verified webhooks, %s conns | **%s** | %s | %s | non-2xx %s; published %s; replays %s; peak RSS %s MiB; ingress CPU %s us per webhook |\n' "$CONNECTIONS" "$ING_RPS" "$ING_P50" "$ING_P99" "$ING_NON2XX" "$PUBLISHED" "$REPLAYS" "$RSS_MIB" "$CPU_US"
 printf '| ingress at %s/s offered, open loop (latency from each request'"'"'s scheduled start) | %s | %s | **%s** | non-2xx or failed %s; late starts %s |\n' "$RATE" "$RATE_RPS" "$RATE_P50" "$RATE_P99" "$RATE_NON2XX" "$RATE_LATE"
 echo
 echo "ratios: ingress/plain = $(ratio "$ING_RPS" "$PLAIN_RPS"), ingress/bare publisher = $(ratio "$ING_RPS" "$BARE_RPS")"
+REFUSED=$(curl -s "http://127.0.0.1:$OPS_PORT/metrics" | awk '/^ingress_refusals_total\{/ { printf "%s%s", sep, $0; sep = "; " }')
+echo "refusals over the whole run: ${REFUSED:-none}"
 echo "targets: >= 20000 verified/s: $ING_RPS; p99 < 15 ms at ~$RATE/s: $RATE_P99 ms (at $RATE_RPS/s); RSS < 64 MiB: $RSS_MIB MiB"

@@ -70,7 +70,7 @@ impl App {
             Duration::from_secs(settings.key_cache_ttl_seconds),
             Duration::from_secs(settings.key_cache_negative_ttl_seconds),
         ));
-        let replay = RedisReplay::new(
+        let replay = RedisReplay::start(
             &settings.redis_url,
             &settings.redis_key_prefix,
             Duration::from_millis(settings.redis_timeout_ms),

@@ -13,10 +13,11 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use redis::{AsyncCommands, aio::ConnectionManager};
+use redis::{Value, aio::ConnectionManager};
+use tokio::sync::{mpsc, oneshot};
 
 /// Why the replay store could not answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ReplayError {
     #[error("redis: {0}")]
     Redis(String),
@@ -34,29 +35,111 @@ pub trait ReplayStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), ReplayError>>;
 }
 
+/// The most operations sent to Redis in one pipeline.
+const MAX_BATCH: usize = 512;
+
+/// One request to the batcher, with where its answer goes.
+enum Op {
+    Seen {
+        key: String,
+        reply: oneshot::Sender<Result<bool, ReplayError>>,
+    },
+    Remember {
+        key: String,
+        seconds: u64,
+        reply: oneshot::Sender<Result<(), ReplayError>>,
+    },
+}
+
 /// Redis-backed store; keys are `<prefix>replay:<key>`.
+///
+/// Every webhook asks Redis twice (before the publish and after its confirm). Sent one by
+/// one, those round trips cost ingress about a quarter of its throughput in socket work, so
+/// one task sends whatever has queued up as a single pipeline: one write and one read for
+/// all requests waiting at that moment, one command each, answers in order.
 pub struct RedisReplay {
-    client: redis::Client,
-    prefix: String,
-    timeout: Duration,
-    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    ops: mpsc::Sender<Op>,
 }
 
 impl RedisReplay {
-    /// Does not connect yet: ingress starts while Redis is down.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, ReplayError> {
+    /// Starts the batching task; does not connect yet: ingress starts while Redis is down.
+    /// Must be called inside a Tokio runtime. The task ends when the store is dropped.
+    pub fn start(url: &str, prefix: &str, timeout: Duration) -> Result<Self, ReplayError> {
         let client = redis::Client::open(url).map_err(|e| ReplayError::Redis(e.to_string()))?;
-        Ok(Self {
+        // Bounded: a stalled Redis makes requests wait for room (then time out), never grow memory.
+        let (ops, queue) = mpsc::channel(4 * MAX_BATCH);
+        let batcher = Batcher {
             client,
             prefix: prefix.to_owned(),
             timeout,
-            connection: tokio::sync::Mutex::new(None),
+            connection: None,
+        };
+        tokio::spawn(batcher.run(queue));
+        Ok(Self { ops })
+    }
+
+    async fn submit(&self, op: Op) -> Result<(), ReplayError> {
+        self.ops
+            .send(op)
+            .await
+            .map_err(|_| ReplayError::Redis("the replay memory stopped".into()))
+    }
+}
+
+fn stopped<T>(_: oneshot::error::RecvError) -> Result<T, ReplayError> {
+    Err(ReplayError::Redis("the replay memory stopped".into()))
+}
+
+impl ReplayStore for RedisReplay {
+    fn seen<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, ReplayError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.submit(Op::Seen {
+                key: key.to_owned(),
+                reply,
+            })
+            .await?;
+            answer.await.or_else(stopped)?
         })
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, ReplayError> {
-        let mut guard = self.connection.lock().await;
-        if let Some(conn) = guard.as_ref() {
+    fn remember<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), ReplayError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.submit(Op::Remember {
+                key: key.to_owned(),
+                seconds: ttl.as_secs().max(1),
+                reply,
+            })
+            .await?;
+            answer.await.or_else(stopped)?
+        })
+    }
+}
+
+/// Owns the connection and sends the queued operations, one pipeline at a time.
+struct Batcher {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    connection: Option<ConnectionManager>,
+}
+
+impl Batcher {
+    async fn run(mut self, mut queue: mpsc::Receiver<Op>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        // While one pipeline is out, the next requests queue up and leave together.
+        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            self.send(&mut batch).await;
+        }
+    }
+
+    async fn connection(&mut self) -> Result<ConnectionManager, ReplayError> {
+        if let Some(conn) = &self.connection {
             return Ok(conn.clone());
         }
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -70,41 +153,82 @@ impl RedisReplay {
         .await
         .map_err(|_| ReplayError::Timeout(self.timeout))?
         .map_err(|e| ReplayError::Redis(e.to_string()))?;
-        *guard = Some(conn.clone());
+        self.connection = Some(conn.clone());
         Ok(conn)
     }
 
-    fn key(&self, key: &str) -> String {
-        format!("{}replay:{key}", self.prefix)
+    async fn send(&mut self, batch: &mut Vec<Op>) {
+        let mut pipe = redis::pipe();
+        for op in batch.iter() {
+            match op {
+                Op::Seen { key, .. } => {
+                    pipe.exists(format!("{}replay:{key}", self.prefix));
+                }
+                Op::Remember { key, seconds, .. } => {
+                    pipe.set_ex(format!("{}replay:{key}", self.prefix), 1u8, *seconds);
+                }
+            }
+        }
+        let result = match self.connection().await {
+            Ok(mut conn) => {
+                match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn))
+                    .await
+                {
+                    Err(_) => Err(ReplayError::Timeout(self.timeout)),
+                    Ok(Err(e)) => Err(ReplayError::Redis(e.to_string())),
+                    Ok(Ok(values)) if values.len() == batch.len() => Ok(values),
+                    Ok(Ok(values)) => Err(ReplayError::Redis(format!(
+                        "{} answers to {} commands",
+                        values.len(),
+                        batch.len()
+                    ))),
+                }
+            }
+            Err(error) => Err(error),
+        };
+        match result {
+            Ok(values) => {
+                for (op, value) in batch.drain(..).zip(values) {
+                    // A caller that gave up (timeout, dropped request) no longer listens.
+                    match op {
+                        Op::Seen { reply, .. } => {
+                            let _ = reply.send(exists_answer(&value));
+                        }
+                        Op::Remember { reply, .. } => {
+                            let _ = reply.send(set_answer(&value));
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                for op in batch.drain(..) {
+                    match op {
+                        Op::Seen { reply, .. } => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                        Op::Remember { reply, .. } => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
-impl ReplayStore for RedisReplay {
-    fn seen<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, ReplayError>> {
-        Box::pin(async move {
-            let mut conn = self.connection().await?;
-            let full = self.key(key);
-            tokio::time::timeout(self.timeout, conn.exists::<_, bool>(full))
-                .await
-                .map_err(|_| ReplayError::Timeout(self.timeout))?
-                .map_err(|e| ReplayError::Redis(e.to_string()))
-        })
+fn exists_answer(value: &Value) -> Result<bool, ReplayError> {
+    match value {
+        Value::Int(n) => Ok(*n > 0),
+        Value::ServerError(e) => Err(ReplayError::Redis(format!("{e:?}"))),
+        other => Err(ReplayError::Redis(format!("EXISTS answered {other:?}"))),
     }
+}
 
-    fn remember<'a>(
-        &'a self,
-        key: &'a str,
-        ttl: Duration,
-    ) -> BoxFuture<'a, Result<(), ReplayError>> {
-        Box::pin(async move {
-            let mut conn = self.connection().await?;
-            let full = self.key(key);
-            let seconds = ttl.as_secs().max(1);
-            tokio::time::timeout(self.timeout, conn.set_ex::<_, _, ()>(full, 1u8, seconds))
-                .await
-                .map_err(|_| ReplayError::Timeout(self.timeout))?
-                .map_err(|e| ReplayError::Redis(e.to_string()))
-        })
+fn set_answer(value: &Value) -> Result<(), ReplayError> {
+    match value {
+        Value::Okay => Ok(()),
+        Value::ServerError(e) => Err(ReplayError::Redis(format!("{e:?}"))),
+        other => Err(ReplayError::Redis(format!("SET answered {other:?}"))),
     }
 }
 

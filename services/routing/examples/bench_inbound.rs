@@ -363,12 +363,16 @@ async fn main() {
     .await;
     let fill_rate = n as f64 / fill_start.elapsed().as_secs_f64();
     let stop = CancellationToken::new();
+    let wal_before = wal_lsn(&pool).await;
+    let cpu_before = CpuTicks::now();
     let start = Instant::now();
     let task = tokio::spawn(app.run(stop.clone()));
     while (committed.load(Ordering::SeqCst) as u64) < n {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_seconds = start.elapsed().as_secs_f64();
+    let cpu = CpuTicks::now().since(&cpu_before);
+    let wal_bytes = wal_lsn(&pool).await - wal_before;
     let drain = n as f64 / drain_seconds;
 
     // 3. Latency at a stated rate.
@@ -401,6 +405,10 @@ async fn main() {
     .unwrap();
     stop.cancel();
     let _ = task.await;
+    // Backends report their table statistics when they end: close the pool, then read them.
+    pool.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes = table_writes(&db).await;
 
     println!("routing inbound benchmark: {n} events, {shards} shards, batch {batch}");
     println!("| measurement | result |");
@@ -422,4 +430,107 @@ async fn main() {
         percentile(&l, 1.0)
     );
     println!("| stored | {messages} messages, {conversations} conversations |");
+    let per_event = |ticks: u64| ticks as f64 / cpu.hz * 1e6 / n as f64;
+    println!(
+        "| drain: CPU per event (routing process / PostgreSQL / RabbitMQ / Redis) | {:.0} / {:.0} / {:.0} / {:.0} us |",
+        per_event(cpu.own),
+        per_event(cpu.postgres),
+        per_event(cpu.rabbitmq),
+        per_event(cpu.redis)
+    );
+    println!(
+        "| drain: WAL per event | {:.0} bytes |",
+        wal_bytes as f64 / n as f64
+    );
+    let all = (n + total) as f64;
+    let summary: Vec<String> = writes
+        .iter()
+        .filter(|(_, w)| *w > 0)
+        .map(|(table, w)| format!("{table} {:.2}", *w as f64 / all))
+        .collect();
+    println!(
+        "| row writes per event, whole run (inserts + updates + deletes) | {:.2}: {} |",
+        writes.iter().map(|(_, w)| *w).sum::<i64>() as f64 / all,
+        summary.join(", ")
+    );
+}
+
+/// CPU time (clock ticks) of this process and of the servers it drives, read from /proc.
+struct CpuTicks {
+    hz: f64,
+    own: u64,
+    postgres: u64,
+    rabbitmq: u64,
+    redis: u64,
+}
+
+impl CpuTicks {
+    fn now() -> Self {
+        let mut ticks = Self {
+            hz: 100.0,
+            own: stat_ticks("/proc/self/stat").map_or(0, |(_, t)| t),
+            postgres: 0,
+            rabbitmq: 0,
+            redis: 0,
+        };
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Some((comm, t)) = stat_ticks(&format!("{}/stat", entry.path().display()))
+                else {
+                    continue;
+                };
+                match comm.as_str() {
+                    "postgres" => ticks.postgres += t,
+                    "beam.smp" => ticks.rabbitmq += t,
+                    "redis-server" => ticks.redis += t,
+                    _ => {}
+                }
+            }
+        }
+        ticks
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            hz: self.hz,
+            own: self.own.saturating_sub(before.own),
+            postgres: self.postgres.saturating_sub(before.postgres),
+            rabbitmq: self.rabbitmq.saturating_sub(before.rabbitmq),
+            redis: self.redis.saturating_sub(before.redis),
+        }
+    }
+}
+
+/// (command name, user + system ticks) of one /proc/<pid>/stat.
+fn stat_ticks(path: &str) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_owned();
+    let fields: Vec<&str> = text[close + 2..].split(' ').collect();
+    // After the command: state is field 3, utime 14, stime 15 (1-based over the whole line).
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+async fn wal_lsn(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("select (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Rows inserted, updated and deleted per table of the run's database.
+async fn table_writes(db: &TestDatabase) -> Vec<(String, i64)> {
+    let pool = db.pool().await;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "select relname::text, (n_tup_ins + n_tup_upd + n_tup_del)::bigint
+         from pg_stat_user_tables order by 2 desc",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    rows
 }
