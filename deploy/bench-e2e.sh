@@ -18,7 +18,7 @@ SHOPS=${BENCH_SHOPS:-20}
 AGENTS=${BENCH_AGENTS:-50}
 export ROUTING_SHARDS=${ROUTING_SHARDS:-4}
 DB_NAME="shopctrl_bench_$$"
-export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$DB_NAME
+export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB_NAME?sslmode=disable"
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/}
 export AMQP_PREFIX="bench-e2e-$$."

@@ -11,7 +11,7 @@ LOGS=$RUN_DIR/logs
 mkdir -p "$LOGS"
 
 DB_NAME=${DB_NAME:-shopctrl_messaging}
-export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$DB_NAME}
+export DATABASE_URL=${DATABASE_URL:-"postgres://postgres@127.0.0.1:5432/$DB_NAME?sslmode=disable"}
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/}
 # A prefix of its own so the demo never mixes with other users of the same broker and Redis.

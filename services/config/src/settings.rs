@@ -42,7 +42,7 @@ pub struct Settings {
         env = "DATABASE_URL",
         hide_env_values = true,
         global = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/shopctrl_messaging"
+        default_value = "postgres://postgres@127.0.0.1:5432/shopctrl_messaging?sslmode=disable"
     )]
     pub database_url: Redacted,
 

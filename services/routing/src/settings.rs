@@ -39,7 +39,7 @@ pub struct Settings {
         long,
         env = "DATABASE_URL",
         global = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/shopctrl_messaging"
+        default_value = "postgres://postgres@127.0.0.1:5432/shopctrl_messaging?sslmode=disable"
     )]
     pub database_url: Redacted,
 
