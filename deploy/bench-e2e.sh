@@ -91,6 +91,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
   --ingress http://127.0.0.1:$HTTP_PORT --token "bench-shopctrl-token-$$" \
   --database-url "$DATABASE_URL" --flow-listen 127.0.0.1:$FLOW_PORT \
   --shops "$SHOPS" --agents "$AGENTS" --rate "$RATE" --seconds "$SECONDS_PER_PHASE" \
+  --routing-metrics http://127.0.0.1:19122/metrics \
   --concurrency "$CONCURRENCY" >"$WORK/report.json"
 # Peak resident memory of each service since it started, as the kernel tracks it (VmHWM): no
 # sampling process competing for the two cores while the client runs.
@@ -110,6 +111,10 @@ printf '| latency phase: offered | %s/s for %ss, %s sent, %s refused |\n' "$RATE
 printf '| webhook → assignment recorded, p50 / p99 / max (ms) | %s / **%s** / %s (%s of %s conversations assigned) |\n' \
   "$(j "['latency_phase']['webhook_to_assignment_ms']['p50']")" "$(j "['latency_phase']['webhook_to_assignment_ms']['p99']")" \
   "$(j "['latency_phase']['webhook_to_assignment_ms']['max']")" "$(j "['latency_phase']['assigned']")" "$(j "['latency_phase']['conversations_started']")"
+printf '| of which: webhook → ingress answered 200, p50 / p99 (ms) | %s / %s |\n' \
+  "$(j "['latency_phase']['webhook_answered_ms']['p50']")" "$(j "['latency_phase']['webhook_answered_ms']['p99']")"
+printf '| of which: ingress received → routing committed, every event, p50 / p99 at most (ms, histogram bucket) | %s / %s |\n' \
+  "$(j "['latency_phase']['received_to_committed_ms_at_most']['p50']")" "$(j "['latency_phase']['received_to_committed_ms_at_most']['p99']")"
 printf '| throughput phase: accepted / recorded | %s / %s (%s in flight, sending %ss) |\n' \
   "$(j "['throughput_phase']['accepted']")" "$(j "['throughput_phase']['recorded']")" "$CONCURRENCY" "$(j "['throughput_phase']['sending_seconds']")"
 printf '| **signed webhooks/s end to end** (first send → last recorded) | **%s** |\n' "$(j "['throughput_phase']['end_to_end_per_s']")"

@@ -61,6 +61,55 @@ pub struct BenchArgs {
     /// Handovers measured (at 50/s).
     #[arg(long, default_value_t = 200)]
     pub handovers: usize,
+    /// routing's metrics URL: when given, the latency phase is broken down with routing's
+    /// own histogram (ingress received → routing committed).
+    #[arg(long)]
+    pub routing_metrics: Option<String>,
+}
+
+/// The cumulative buckets of one Prometheus histogram: (upper bound, count).
+async fn histogram(http: &reqwest::Client, url: &str, name: &str) -> Vec<(f64, f64)> {
+    let Ok(response) = http.get(url).send().await else {
+        return Vec::new();
+    };
+    let Ok(text) = response.text().await else {
+        return Vec::new();
+    };
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (le, rest) = rest.split_once("\"}")?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((bound, rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound (ms) under which a share `p` of the observations between two scrapes fell.
+fn histogram_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> Option<f64> {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(bound, count)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| b == bound)
+                .map_or(0.0, |(_, c)| *c);
+            (*bound, count - earlier)
+        })
+        .collect();
+    let total = counts.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    counts
+        .iter()
+        .find(|(_, c)| *c >= p * total)
+        .map(|(bound, _)| bound * 1000.0)
 }
 
 struct Shop {
@@ -290,16 +339,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let refused = Arc::new(Mutex::new(0u64));
+    let answered_in: Arc<Mutex<Vec<f64>>> = Arc::default();
+    const COMMIT_HISTOGRAM: &str = "routing_inbound_commit_seconds";
+    let commit_before = match &args.routing_metrics {
+        Some(url) => histogram(&http, url, COMMIT_HISTOGRAM).await,
+        None => Vec::new(),
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..total {
         ticker.tick().await;
         let (shop, body, starts) = workload.next();
         let (http, shops, ingress) = (http.clone(), shops.clone(), args.ingress.clone());
         let (started_at, refused) = (started_at.clone(), refused.clone());
+        let answered_in = answered_in.clone();
         tasks.spawn(async move {
             let sent = SystemTime::now();
+            let clock = Instant::now();
             match send(&http, &ingress, &shops[shop], body).await {
                 Ok(200..=299) => {
+                    if let Ok(mut answered) = answered_in.lock() {
+                        answered.push(clock.elapsed().as_secs_f64() * 1000.0);
+                    }
                     if let (Some(id), Ok(mut map)) = (starts, started_at.lock()) {
                         map.insert(id, sent);
                     }
@@ -316,6 +376,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let starts: HashMap<String, SystemTime> =
         started_at.lock().map(|m| m.clone()).unwrap_or_default();
     let assigned = wait_assigned(&pool, &starts, Duration::from_secs(60)).await?;
+    let commit_after = match &args.routing_metrics {
+        Some(url) => histogram(&http, url, COMMIT_HISTOGRAM).await,
+        None => Vec::new(),
+    };
+    let mut answered_in = answered_in.lock().map(|v| v.clone()).unwrap_or_default();
+    answered_in.sort_by(f64::total_cmp);
     let latencies = latencies_ms(&starts, &assigned);
     let phase1_refused = refused.lock().map(|n| *n).unwrap_or(0);
 
@@ -429,6 +495,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "webhook_to_assignment_ms": {
                 "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99),
                 "max": percentile(&latencies, 1.0),
+            },
+            "webhook_answered_ms": {
+                "p50": percentile(&answered_in, 0.5), "p99": percentile(&answered_in, 0.99),
+            },
+            // Bucket bounds of routing's histogram (every event of the phase, not only the
+            // conversation starts): ingress received → routing committed.
+            "received_to_committed_ms_at_most": {
+                "p50": histogram_quantile_ms(&commit_before, &commit_after, 0.5),
+                "p99": histogram_quantile_ms(&commit_before, &commit_after, 0.99),
             },
         },
         "throughput_phase": {
