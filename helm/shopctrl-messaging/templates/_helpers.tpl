@@ -160,6 +160,10 @@ Call with (dict "root" $ "c" $component).
 {{- if ne $c.name "config" -}}
 {{- $_ := set $env "CONFIG_GRPC_URL" (include "shopctrl.configGrpcUrl" $root) -}}
 {{- end -}}
+{{- /* routing refuses to start with fewer than one connection per shard plus 8. */ -}}
+{{- if and (eq $c.name "routing") (gt (add (int $root.Values.routingShards) 8) 16) -}}
+{{- $_ := set $env "DATABASE_MAX_CONNECTIONS" (toString (add (int $root.Values.routingShards) 8)) -}}
+{{- end -}}
 {{- range $k, $val := $v.env -}}
 {{- if eq $k "ROUTING_SHARDS" -}}
 {{- fail (printf "%s.env.ROUTING_SHARDS: set the top-level routingShards instead; ingress and routing must agree" $c.key) -}}

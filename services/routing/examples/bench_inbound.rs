@@ -319,7 +319,7 @@ async fn main() {
     // 2. Drain: pre-fill, then start routing.
     let mut settings = Settings::defaults();
     settings.database_url = Redacted::new(db.url());
-    settings.database_max_connections = 16;
+    settings.database_max_connections = shards + shopctrl_routing::app::RESERVED_CONNECTIONS;
     settings.amqp_url = Redacted::new(amqp.url());
     settings.amqp_prefix = amqp.prefix().to_owned();
     settings.routing_shards = shards;

@@ -43,8 +43,9 @@ pub struct Settings {
     )]
     pub database_url: Redacted,
 
-    /// Maximum number of PostgreSQL connections of this replica (one per shard consumer is
-    /// needed, the rest serve the API and the outbox relay).
+    /// Maximum number of PostgreSQL connections of this replica: at least ROUTING_SHARDS + 8
+    /// (one per shard consumer; the rest serve the sequencer, the outbox relay, the side
+    /// consumers, slot maintenance and the API). Fewer is refused at start.
     #[arg(
         long,
         env = "DATABASE_MAX_CONNECTIONS",

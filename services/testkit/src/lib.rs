@@ -20,8 +20,9 @@ pub use redis_prefix::TestRedis;
 
 /// The PostgreSQL server tests use (a maintenance URL; each test gets its own database).
 pub fn database_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned())
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned()
+    })
 }
 
 /// The Redis server tests use.

@@ -229,7 +229,7 @@ impl Env {
     ) -> Settings {
         let mut settings = Settings::defaults();
         settings.database_url = Redacted::new(db.url());
-        settings.database_max_connections = 8;
+        settings.database_max_connections = shards + shopctrl_routing::app::RESERVED_CONNECTIONS;
         settings.amqp_url = Redacted::new(amqp_url);
         settings.amqp_prefix = amqp.prefix().to_owned();
         settings.routing_shards = shards;
