@@ -17,6 +17,10 @@ CONCURRENCY=${BENCH_CONCURRENCY:-128}
 SHOPS=${BENCH_SHOPS:-20}
 AGENTS=${BENCH_AGENTS:-50}
 export ROUTING_SHARDS=${ROUTING_SHARDS:-4}
+# routing needs one PostgreSQL connection per shard plus 8 (it refuses to start with fewer).
+if [[ -z "${DATABASE_MAX_CONNECTIONS:-}" && $((ROUTING_SHARDS + 8)) -gt 16 ]]; then
+  export DATABASE_MAX_CONNECTIONS=$((ROUTING_SHARDS + 8))
+fi
 DB_NAME="shopctrl_bench_$$"
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB_NAME?sslmode=disable"
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}

@@ -161,10 +161,10 @@ echo "## Ingress benchmark $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(unam
 printf '| run | req/s | p50 ms | p99 ms | notes |\n|---|---|---|---|---|\n'
 printf '| plain HTTP server (no verify, no publish), %s conns | %s | %s | %s | ceiling of HTTP + wrk on this box |\n' "$CONNECTIONS" "$PLAIN_RPS" "$PLAIN_P50" "$PLAIN_P99"
 printf '| bare confirmed publisher, %s in flight | %s | %s | %s | ceiling of RabbitMQ confirms (quorum, 4 shard queues) |\n' "$CONNECTIONS" "$BARE_RPS" "$BARE_P50" "$BARE_P99"
-printf '| **ingress**, verified webhooks, %s conns | **%s** | %s | %s | non-2xx %s; published %s; replays %s; peak RSS %s MiB; ingress CPU %s us per webhook |\n' "$CONNECTIONS" "$ING_RPS" "$ING_P50" "$ING_P99" "$ING_NON2XX" "$PUBLISHED" "$REPLAYS" "$RSS_MIB" "$CPU_US"
+printf '| **ingress**, verified webhooks, %s conns | **%s** | %s | %s | non-2xx %s; published %s; replays %s; peak RSS %s MiB; ingress CPU %s us per published webhook |\n' "$CONNECTIONS" "$ING_RPS" "$ING_P50" "$ING_P99" "$ING_NON2XX" "$PUBLISHED" "$REPLAYS" "$RSS_MIB" "$CPU_US"
 printf '| ingress at %s/s offered, open loop (latency from each request'"'"'s scheduled start) | %s | %s | **%s** | non-2xx or failed %s; late starts %s |\n' "$RATE" "$RATE_RPS" "$RATE_P50" "$RATE_P99" "$RATE_NON2XX" "$RATE_LATE"
 echo
 echo "ratios: ingress/plain = $(ratio "$ING_RPS" "$PLAIN_RPS"), ingress/bare publisher = $(ratio "$ING_RPS" "$BARE_RPS")"
-REFUSED=$(curl -s "http://127.0.0.1:$OPS_PORT/metrics" | awk '/^ingress_refusals_total\{/ { printf "%s%s", sep, $0; sep = "; " }')
+REFUSED=$( (curl -s "http://127.0.0.1:$OPS_PORT/metrics" || true) | awk '/^ingress_refusals_total\{/ { printf "%s%s", sep, $0; sep = "; " }')
 echo "refusals over the whole run: ${REFUSED:-none}"
 echo "targets: >= 20000 verified/s: $ING_RPS; p99 < 15 ms at ~$RATE/s: $RATE_P99 ms (at $RATE_RPS/s); RSS < 64 MiB: $RSS_MIB MiB"

@@ -19,6 +19,10 @@ export AMQP_PREFIX=${AMQP_PREFIX:-demo.}
 export REDIS_KEY_PREFIX=${REDIS_KEY_PREFIX:-demo:}
 export SLOTS_KEY_PREFIX=${SLOTS_KEY_PREFIX:-demo:}
 export ROUTING_SHARDS=${ROUTING_SHARDS:-4}
+# routing needs one PostgreSQL connection per shard plus 8 (it refuses to start with fewer).
+if [[ -z "${DATABASE_MAX_CONNECTIONS:-}" && $((ROUTING_SHARDS + 8)) -gt 16 ]]; then
+  export DATABASE_MAX_CONNECTIONS=$((ROUTING_SHARDS + 8))
+fi
 export LOG_FORMAT=json RUST_LOG=${RUST_LOG:-info}
 export ALLOW_HTTP_WEBHOOK_URLS=true
 export SSRF_ALLOW_CIDRS=${SSRF_ALLOW_CIDRS:-127.0.0.0/8}

@@ -69,11 +69,16 @@ pub struct BenchArgs {
 
 /// The cumulative buckets of one Prometheus histogram: (upper bound, count).
 async fn histogram(http: &reqwest::Client, url: &str, name: &str) -> Vec<(f64, f64)> {
-    let Ok(response) = http.get(url).send().await else {
-        return Vec::new();
+    let text = match http.get(url).send().await {
+        Ok(response) => response.text().await,
+        Err(error) => Err(error),
     };
-    let Ok(text) = response.text().await else {
-        return Vec::new();
+    let text = match text {
+        Ok(text) => text,
+        Err(error) => {
+            eprintln!("cannot read {url}: {error}; the latency breakdown is left out");
+            return Vec::new();
+        }
     };
     let prefix = format!("{name}_bucket{{le=\"");
     text.lines()
@@ -90,8 +95,30 @@ async fn histogram(http: &reqwest::Client, url: &str, name: &str) -> Vec<(f64, f
         .collect()
 }
 
-/// The bucket bound (ms) under which a share `p` of the observations between two scrapes fell.
-fn histogram_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> Option<f64> {
+/// Observations between two scrapes.
+fn histogram_count(before: &[(f64, f64)], after: &[(f64, f64)]) -> f64 {
+    let last = |h: &[(f64, f64)]| h.last().map_or(0.0, |(_, c)| *c);
+    last(after) - last(before)
+}
+
+/// The bucket bound (ms) under which a share `p` of the observations between two scrapes fell,
+/// as JSON: a number, "over <last bound>" past the last finite bucket, null without data.
+fn histogram_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> serde_json::Value {
+    let Some(bound) = histogram_bound(before, after, p) else {
+        return serde_json::Value::Null;
+    };
+    if bound.is_finite() {
+        return serde_json::json!(bound * 1000.0);
+    }
+    let last_finite = after
+        .iter()
+        .map(|(b, _)| *b)
+        .filter(|b| b.is_finite())
+        .fold(0.0, f64::max);
+    serde_json::json!(format!("over {}", last_finite * 1000.0))
+}
+
+fn histogram_bound(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) -> Option<f64> {
     let counts: Vec<(f64, f64)> = after
         .iter()
         .map(|(bound, count)| {
@@ -109,7 +136,7 @@ fn histogram_quantile_ms(before: &[(f64, f64)], after: &[(f64, f64)], p: f64) ->
     counts
         .iter()
         .find(|(_, c)| *c >= p * total)
-        .map(|(bound, _)| bound * 1000.0)
+        .map(|(bound, _)| *bound)
 }
 
 struct Shop {
@@ -376,11 +403,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let starts: HashMap<String, SystemTime> =
         started_at.lock().map(|m| m.clone()).unwrap_or_default();
     let assigned = wait_assigned(&pool, &starts, Duration::from_secs(60)).await?;
-    let commit_after = match &args.routing_metrics {
-        Some(url) => histogram(&http, url, COMMIT_HISTOGRAM).await,
-        None => Vec::new(),
-    };
     let mut answered_in = answered_in.lock().map(|v| v.clone()).unwrap_or_default();
+    // Every accepted webhook of the phase, not only the conversation starts waited for above.
+    let mut commit_after = Vec::new();
+    if let Some(url) = &args.routing_metrics {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            commit_after = histogram(&http, url, COMMIT_HISTOGRAM).await;
+            let counted = histogram_count(&commit_before, &commit_after);
+            if counted >= answered_in.len() as f64 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     answered_in.sort_by(f64::total_cmp);
     let latencies = latencies_ms(&starts, &assigned);
     let phase1_refused = refused.lock().map(|n| *n).unwrap_or(0);

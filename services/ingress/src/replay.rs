@@ -59,6 +59,7 @@ enum Op {
 /// all requests waiting at that moment, one command each, answers in order.
 pub struct RedisReplay {
     ops: mpsc::Sender<Op>,
+    timeout: Duration,
 }
 
 impl RedisReplay {
@@ -66,7 +67,8 @@ impl RedisReplay {
     /// Must be called inside a Tokio runtime. The task ends when the store is dropped.
     pub fn start(url: &str, prefix: &str, timeout: Duration) -> Result<Self, ReplayError> {
         let client = redis::Client::open(url).map_err(|e| ReplayError::Redis(e.to_string()))?;
-        // Bounded: a stalled Redis makes requests wait for room (then time out), never grow memory.
+        // Bounded: when Redis stalls, further requests are answered with an error at once
+        // (and publish without the check) instead of growing memory.
         let (ops, queue) = mpsc::channel(4 * MAX_BATCH);
         let batcher = Batcher {
             client,
@@ -75,31 +77,41 @@ impl RedisReplay {
             connection: None,
         };
         tokio::spawn(batcher.run(queue));
-        Ok(Self { ops })
+        Ok(Self { ops, timeout })
     }
 
-    async fn submit(&self, op: Op) -> Result<(), ReplayError> {
-        self.ops
-            .send(op)
-            .await
-            .map_err(|_| ReplayError::Redis("the replay memory stopped".into()))
+    /// Queues one operation and waits for its answer, at most the Redis timeout in all
+    /// (queueing included): the caller fails open, so a slow Redis must not hold webhooks.
+    async fn ask<T>(
+        &self,
+        op: Op,
+        answer: oneshot::Receiver<Result<T, ReplayError>>,
+    ) -> Result<T, ReplayError> {
+        self.ops.try_send(op).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(_) => {
+                ReplayError::Redis("too many replay checks waiting".into())
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                ReplayError::Redis("the replay memory stopped".into())
+            }
+        })?;
+        match tokio::time::timeout(self.timeout, answer).await {
+            Err(_) => Err(ReplayError::Timeout(self.timeout)),
+            Ok(Err(_)) => Err(ReplayError::Redis("the replay memory stopped".into())),
+            Ok(Ok(result)) => result,
+        }
     }
-}
-
-fn stopped<T>(_: oneshot::error::RecvError) -> Result<T, ReplayError> {
-    Err(ReplayError::Redis("the replay memory stopped".into()))
 }
 
 impl ReplayStore for RedisReplay {
     fn seen<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, ReplayError>> {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
-            self.submit(Op::Seen {
+            let op = Op::Seen {
                 key: key.to_owned(),
                 reply,
-            })
-            .await?;
-            answer.await.or_else(stopped)?
+            };
+            self.ask(op, answer).await
         })
     }
 
@@ -110,13 +122,12 @@ impl ReplayStore for RedisReplay {
     ) -> BoxFuture<'a, Result<(), ReplayError>> {
         Box::pin(async move {
             let (reply, answer) = oneshot::channel();
-            self.submit(Op::Remember {
+            let op = Op::Remember {
                 key: key.to_owned(),
                 seconds: ttl.as_secs().max(1),
                 reply,
-            })
-            .await?;
-            answer.await.or_else(stopped)?
+            };
+            self.ask(op, answer).await
         })
     }
 }
@@ -159,6 +170,9 @@ impl Batcher {
 
     async fn send(&mut self, batch: &mut Vec<Op>) {
         let mut pipe = redis::pipe();
+        // Each command keeps its own answer: a refused write (out of memory, a read-only
+        // replica after a failover) must not fail the checks sent with it.
+        pipe.ignore_errors();
         for op in batch.iter() {
             match op {
                 Op::Seen { key, .. } => {
@@ -171,8 +185,11 @@ impl Batcher {
         }
         let result = match self.connection().await {
             Ok(mut conn) => {
-                match tokio::time::timeout(self.timeout, pipe.query_async::<Vec<Value>>(&mut conn))
-                    .await
+                match tokio::time::timeout(
+                    self.timeout,
+                    pipe.query_async::<Vec<redis::RedisResult<Value>>>(&mut conn),
+                )
+                .await
                 {
                     Err(_) => Err(ReplayError::Timeout(self.timeout)),
                     Ok(Err(e)) => Err(ReplayError::Redis(e.to_string())),
@@ -216,19 +233,19 @@ impl Batcher {
     }
 }
 
-fn exists_answer(value: &Value) -> Result<bool, ReplayError> {
+fn exists_answer(value: &redis::RedisResult<Value>) -> Result<bool, ReplayError> {
     match value {
-        Value::Int(n) => Ok(*n > 0),
-        Value::ServerError(e) => Err(ReplayError::Redis(format!("{e:?}"))),
-        other => Err(ReplayError::Redis(format!("EXISTS answered {other:?}"))),
+        Ok(Value::Int(n)) => Ok(*n > 0),
+        Ok(other) => Err(ReplayError::Redis(format!("EXISTS answered {other:?}"))),
+        Err(error) => Err(ReplayError::Redis(error.to_string())),
     }
 }
 
-fn set_answer(value: &Value) -> Result<(), ReplayError> {
+fn set_answer(value: &redis::RedisResult<Value>) -> Result<(), ReplayError> {
     match value {
-        Value::Okay => Ok(()),
-        Value::ServerError(e) => Err(ReplayError::Redis(format!("{e:?}"))),
-        other => Err(ReplayError::Redis(format!("SET answered {other:?}"))),
+        Ok(Value::Okay) => Ok(()),
+        Ok(other) => Err(ReplayError::Redis(format!("SET answered {other:?}"))),
+        Err(error) => Err(ReplayError::Redis(error.to_string())),
     }
 }
 

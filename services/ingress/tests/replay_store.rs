@@ -15,9 +15,8 @@ async fn concurrent_checks_and_remembers_each_get_their_own_answer() {
     let redis = TestRedis::create().await;
     let store = RedisReplay::start(redis.url(), redis.prefix(), Duration::from_secs(5)).unwrap();
 
-    // 300 remembers at once, with different lifetimes, then 600 checks at once: the first
-    // half remembered, the second half never seen. Enough to fill several pipelines.
-    let remembered = join_all((0..300).map(|i| {
+    // Every third key remembered, each with its own lifetime, all at once.
+    let remembered = join_all((0..900u64).filter(|i| i % 3 == 0).map(|i| {
         let store = &store;
         async move {
             store
@@ -28,18 +27,33 @@ async fn concurrent_checks_and_remembers_each_get_their_own_answer() {
     .await;
     assert!(remembered.iter().all(Result::is_ok), "{remembered:?}");
 
-    let checks = join_all((0..600).map(|i| {
+    // Checks of every key, interleaved with remembers of other keys, all queued together (more
+    // than one pipeline's worth): each check gets its own key's answer.
+    let mixed = join_all((0..900u64).map(|i| {
         let store = &store;
-        async move { (i, store.seen(&format!("shop:jti:{i}")).await) }
+        async move {
+            let check = store.seen(&format!("shop:jti:{i}")).await;
+            let other = store
+                .remember(&format!("other:jti:{i}"), Duration::from_secs(30))
+                .await;
+            (i, check, other)
+        }
     }))
     .await;
-    for (i, answer) in checks {
-        assert_eq!(answer.unwrap(), i < 300, "key {i}");
+    for (i, check, other) in mixed {
+        assert_eq!(check.unwrap(), i % 3 == 0, "key {i}");
+        other.unwrap();
     }
+    let others = join_all((0..900u64).map(|i| {
+        let store = &store;
+        async move { store.seen(&format!("other:jti:{i}")).await }
+    }))
+    .await;
+    assert!(others.into_iter().all(|seen| seen.unwrap()));
 
     // Each key carries its own lifetime.
     let mut conn = redis.connection().await;
-    for i in [0u64, 150, 299] {
+    for i in [0u64, 450, 897] {
         let ttl: i64 = redis::cmd("TTL")
             .arg(format!("{}replay:shop:jti:{i}", redis.prefix()))
             .query_async(&mut conn)
@@ -57,6 +71,80 @@ async fn concurrent_checks_and_remembers_each_get_their_own_answer() {
     );
     assert!(!first.unwrap());
     assert!(second.unwrap());
+}
+
+/// A private redis-server (this test reconfigures it), killed when dropped.
+struct PrivateRedis {
+    _process: tokio::process::Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    async fn start(extra: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is required for this test (it is installed with Redis)");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        for _ in 0..100 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return Self {
+                    _process: process,
+                    url,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the private redis-server on port {port} did not start");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_remember_does_not_fail_the_checks_sent_with_it() {
+    // Out of memory for every write; reads still answer.
+    let redis =
+        PrivateRedis::start(&["--maxmemory", "1", "--maxmemory-policy", "noeviction"]).await;
+    let store = RedisReplay::start(&redis.url, "private:", Duration::from_secs(5)).unwrap();
+    let answers = join_all((0..200u64).map(|i| {
+        let store = &store;
+        async move {
+            if i % 2 == 0 {
+                (i, store.seen(&format!("k{i}")).await.map(|seen| !seen))
+            } else {
+                (
+                    i,
+                    store
+                        .remember(&format!("k{i}"), Duration::from_secs(10))
+                        .await
+                        .map(|()| true),
+                )
+            }
+        }
+    }))
+    .await;
+    for (i, answer) in answers {
+        if i % 2 == 0 {
+            assert!(answer.unwrap(), "check {i}: never remembered");
+        } else {
+            let error = answer.expect_err("a write over maxmemory is refused");
+            assert!(error.to_string().contains("OOM"), "{error}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
