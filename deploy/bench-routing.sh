@@ -13,6 +13,8 @@
 # Settings: BENCH_EVENTS (20000), BENCH_RATE (2000), BENCH_SECONDS (10), ROUTING_SHARDS (4),
 # ROUTING_BATCH_SIZE (128), TEST_DATABASE_URL, TEST_AMQP_URL, CARGO_TARGET_DIR.
 # Prints a markdown table; record it in deploy/BENCHMARKS.md ("Routing").
+# Every SQL statement routing runs, with its time, is logged with TEST_LOG=1
+# RUST_LOG=sqlx::query=debug (to count round trips per event).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

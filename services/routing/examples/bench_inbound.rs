@@ -223,6 +223,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    shopctrl_testkit::init_logging();
     let n = arg("--events", 20_000);
     let rate = arg("--rate", 2_000);
     let seconds = arg("--seconds", 10);
