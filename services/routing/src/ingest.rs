@@ -275,7 +275,12 @@ async fn lookup(
                 coalesce(cm.customer_id, cc.customer_id) as customer_id,
                 coalesce(o.conversation_id, l.conversation_id) as t_conversation_id,
                 coalesce(o.state, l.state) as t_state,
-                coalesce(o.assignee_employee_id, l.assignee_employee_id) as t_assignee
+                coalesce(o.assignee_employee_id, l.assignee_employee_id) as t_assignee,
+                (k.received and o.conversation_id is null and exists (
+                    select 1 from conversations x
+                    where x.shop_id = k.shop_id
+                      and x.messagebird_conversation_id = k.mb_conversation_id
+                      and x.state = 'closed')) as t_has_closed
          from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
               with ordinality as k(shop_id, mb_message_id, mb_conversation_id, msisdn,
                                    contact_id, received, ord)
@@ -601,12 +606,18 @@ impl Ingestor {
                 Some(match found {
                     Some(open) => open,
                     None => {
+                        // Read with the lookup, which is current for this event (a key an
+                        // earlier event of the batch touched is looked up again).
+                        let has_closed = lookup
+                            .try_get::<Option<bool>, _>("t_has_closed")?
+                            .unwrap_or(false);
                         lookups.conversations.insert(conversation_key);
                         self.start_conversation(
                             conn,
                             shop,
                             mb_conversation_id,
                             customer_id,
+                            has_closed,
                             message,
                             created_at,
                         )
@@ -800,6 +811,7 @@ impl Ingestor {
         shop: &ShopSettings,
         mb_conversation_id: &str,
         customer_id: Uuid,
+        has_closed: bool,
         message: &InboundMessage,
         created_at: DateTime<Utc>,
     ) -> Result<Target, IngestError> {
@@ -808,7 +820,9 @@ impl Ingestor {
         } else {
             ("waiting_for_handover", Some("awaiting_handover"))
         };
-        if !shop.new_conversation_on_closed {
+        // Most new conversations have no closed one to reopen: the lookup said so, and the
+        // round trip is skipped.
+        if has_closed && !shop.new_conversation_on_closed {
             let reopened: Option<Uuid> = sqlx::query_scalar(
                 "update conversations set state = $3, unassigned_reason = $4, waiting_since = now(),
                         closed_at = null, closed_by_employee_id = null, via_handover = false,
