@@ -615,9 +615,11 @@ impl Ingestor {
                         self.start_conversation(
                             conn,
                             shop,
-                            mb_conversation_id,
-                            customer_id,
-                            has_closed,
+                            NewConversation {
+                                mb_conversation_id,
+                                customer_id,
+                                has_closed,
+                            },
                             message,
                             created_at,
                         )
@@ -809,12 +811,15 @@ impl Ingestor {
         &self,
         conn: &mut PgConnection,
         shop: &ShopSettings,
-        mb_conversation_id: &str,
-        customer_id: Uuid,
-        has_closed: bool,
+        new: NewConversation<'_>,
         message: &InboundMessage,
         created_at: DateTime<Utc>,
     ) -> Result<Target, IngestError> {
+        let NewConversation {
+            mb_conversation_id,
+            customer_id,
+            has_closed,
+        } = new;
         let (state, reason) = if shop.assign_on_first_message {
             ("waiting_for_employee", None)
         } else {
@@ -1153,6 +1158,14 @@ fn customer_key(contact: &InboundContact) -> Result<CustomerKey, String> {
         return Err("customer message without MSISDN or contact id".into());
     }
     Ok(CustomerKey::Contact(contact_id.to_owned()))
+}
+
+/// A customer's message with no open conversation: what starting (or reopening) one needs.
+struct NewConversation<'a> {
+    mb_conversation_id: &'a str,
+    customer_id: Uuid,
+    /// The lookup found a closed conversation for this MessageBird conversation.
+    has_closed: bool,
 }
 
 /// The conversation a message lands in.
