@@ -206,28 +206,28 @@ impl Batcher {
         match result {
             Ok(values) => {
                 for (op, value) in batch.drain(..).zip(values) {
-                    // A caller that gave up (timeout, dropped request) no longer listens.
-                    match op {
-                        Op::Seen { reply, .. } => {
-                            let _ = reply.send(exists_answer(&value));
-                        }
-                        Op::Remember { reply, .. } => {
-                            let _ = reply.send(set_answer(&value));
-                        }
-                    }
+                    op.answer(Ok(&value));
                 }
             }
             Err(error) => {
                 for op in batch.drain(..) {
-                    match op {
-                        Op::Seen { reply, .. } => {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                        Op::Remember { reply, .. } => {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                    }
+                    op.answer(Err(&error));
                 }
+            }
+        }
+    }
+}
+
+impl Op {
+    /// Sends this operation its answer: Redis's reply to its command, or the error that failed
+    /// the whole pipeline. A caller that gave up (timeout, dropped request) no longer listens.
+    fn answer(self, reply_or_error: Result<&redis::RedisResult<Value>, &ReplayError>) {
+        match self {
+            Op::Seen { reply, .. } => {
+                let _ = reply.send(reply_or_error.map_err(Clone::clone).and_then(exists_answer));
+            }
+            Op::Remember { reply, .. } => {
+                let _ = reply.send(reply_or_error.map_err(Clone::clone).and_then(set_answer));
             }
         }
     }
