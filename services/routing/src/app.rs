@@ -69,7 +69,12 @@ pub enum RunError {
 
 fn connect_options(settings: &Settings) -> Result<PgConnectOptions, StartError> {
     PgConnectOptions::from_str(settings.database_url.expose())
-        .map(|o| o.options([("search_path", SCHEMA)]))
+        // Every statement routing runs is keyed by an index. A plan PostgreSQL caches for a
+        // prepared statement while a table is nearly empty (a young database, before its first
+        // ANALYZE) scans the whole table, and keeps doing so as the table grows: the benchmark
+        // saw PostgreSQL's CPU per event grow several times over within a minute. Without
+        // sequential scans the cached plans use the indexes at every size.
+        .map(|o| o.options([("search_path", SCHEMA), ("enable_seqscan", "off")]))
         .map_err(|e| StartError::Setting {
             name: "DATABASE_URL",
             reason: e.to_string(),

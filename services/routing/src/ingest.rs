@@ -269,6 +269,9 @@ async fn lookup(
         contact_ids.push(key.contact_id);
         received.push(key.received);
     }
+    // The customer laterals are fenced (`offset 0`) like the locking ones: each stays an
+    // index lookup per key instead of being pulled up into the join search, which halves the
+    // planning that was most of this statement's cost (0.70 -> 0.39 ms against 0.1 ms run).
     sqlx::query(
         "select k.ord, e.message_id as e_message_id, e.status as e_status,
                 e.conversation_id as e_conversation_id, e.state as e_state,
@@ -291,11 +294,11 @@ async fn lookup(
             for update of m) e on true
          left join lateral (
             select customer_id from customers
-            where shop_id = k.shop_id and msisdn = k.msisdn) cm on true
+            where shop_id = k.shop_id and msisdn = k.msisdn offset 0) cm on true
          left join lateral (
             select customer_id from customers
             where shop_id = k.shop_id and messagebird_contact_id = k.contact_id
-              and msisdn is null and k.msisdn is null) cc on true
+              and msisdn is null and k.msisdn is null offset 0) cc on true
          left join lateral (
             select conversation_id, state, assignee_employee_id from conversations
             where shop_id = k.shop_id and messagebird_conversation_id = k.mb_conversation_id
