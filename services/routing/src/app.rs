@@ -68,13 +68,19 @@ pub enum RunError {
 }
 
 fn connect_options(settings: &Settings) -> Result<PgConnectOptions, StartError> {
-    PgConnectOptions::from_str(settings.database_url.expose())
+    migrate_options(settings)
         // Every statement routing runs is keyed by an index. A plan PostgreSQL caches for a
         // prepared statement while a table is nearly empty (a young database, before its first
         // ANALYZE) scans the whole table, and keeps doing so as the table grows: the benchmark
         // saw PostgreSQL's CPU per event grow several times over within a minute. Without
         // sequential scans the cached plans use the indexes at every size.
-        .map(|o| o.options([("search_path", SCHEMA), ("enable_seqscan", "off")]))
+        .map(|o| o.options([("enable_seqscan", "off")]))
+}
+
+/// The schema only: migrations may rewrite whole tables, where a sequential scan is right.
+fn migrate_options(settings: &Settings) -> Result<PgConnectOptions, StartError> {
+    PgConnectOptions::from_str(settings.database_url.expose())
+        .map(|o| o.options([("search_path", SCHEMA)]))
         .map_err(|e| StartError::Setting {
             name: "DATABASE_URL",
             reason: e.to_string(),
@@ -83,7 +89,7 @@ fn connect_options(settings: &Settings) -> Result<PgConnectOptions, StartError> 
 
 /// Creates the schema and runs the embedded migrations (idempotent).
 pub async fn migrate(settings: &Settings) -> Result<(), StartError> {
-    let options = connect_options(settings)?;
+    let options = migrate_options(settings)?;
     let mut conn = options.connect().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "create schema if not exists {SCHEMA}"

@@ -357,7 +357,7 @@ pub async fn linked_conversations(
 ) -> Result<(Vec<Conversation>, Option<Cursor>), sqlx::Error> {
     let (filter, kind, value) = match target {
         LinkTarget::Customer(id) => (
-            "c.customer_id::text = $4 and $5::text is null",
+            "c.customer_id = $4::uuid and $5::text is null",
             None,
             id.to_string(),
         ),

@@ -1448,6 +1448,12 @@ impl SlotService {
         tracing::warn!("slot data missing in Redis: rebuilding it from PostgreSQL");
         self.engine.clear_for_rebuild().await?;
         let mut tx = self.pool.begin().await?;
+        // The rebuild reads whole tables (the stickiness, the log's idle order): routing's
+        // sessions avoid sequential scans, which would make these walk a whole index row by
+        // row while claim commits wait on the epoch row this transaction updates.
+        sqlx::query("set local enable_seqscan = on")
+            .execute(&mut *tx)
+            .await?;
         // Waits for assignment commits in flight (they hold the row `for share`); later ones
         // see the new epoch and are refused, so this read misses no commit.
         let epoch: i64 = sqlx::query_scalar(
