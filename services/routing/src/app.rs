@@ -71,8 +71,8 @@ fn connect_options(settings: &Settings) -> Result<PgConnectOptions, StartError> 
     migrate_options(settings)
         // Every statement routing runs is keyed by an index. A plan PostgreSQL caches for a
         // prepared statement while a table is nearly empty (a young database, before its first
-        // ANALYZE) scans the whole table, and keeps doing so as the table grows: the benchmark
-        // saw PostgreSQL's CPU per event grow several times over within a minute. Without
+        // ANALYZE) scans the whole table, and keeps doing so as the table grows: one end-to-end
+        // benchmark run logged about 1,300 such scans of customers and conversations. Without
         // sequential scans the cached plans use the indexes at every size.
         .map(|o| o.options([("enable_seqscan", "off")]))
 }
