@@ -814,3 +814,51 @@ async fn a_new_conversation_is_assigned_by_the_transaction_that_stores_its_first
         "only the second conversation's own batch commits after its claim: {commits:?}, claimed at {claimed_at}"
     );
 }
+
+/// The consumer runs the batch lookup on PostgreSQL's cached (generic) plan, which may be made
+/// while the tables are still empty. That plan must still reach each conversation through an
+/// index keyed by the MessageBird conversation id; one made on the shop alone would scan the
+/// shop's every conversation for each message until the next ANALYZE.
+#[tokio::test]
+async fn the_lookups_cached_plan_made_on_empty_tables_is_keyed_by_conversation() {
+    let env = Env::start(shop(true, false)).await;
+    let mut conn = env.pool.acquire().await.unwrap();
+    sqlx::raw_sql("set enable_seqscan = off; set plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "prepare lookup(text[], text[], text[], text[], text[], bool[]) as {}",
+        shopctrl_routing::ingest::LOOKUP
+    )))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "explain execute lookup('{shop-1,shop-1}', '{m-1,m-2}', '{c-1,c-2}', \
+         '{31612345678,null}', '{null,null}', '{true,false}')",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    let conversation_scans: Vec<&str> = plan
+        .lines()
+        .filter(|line| line.contains("Scan using") && line.contains(" on conversations"))
+        .collect();
+    // The message's conversation, the open one (locked), the open one (not locked), the latest.
+    assert_eq!(conversation_scans.len(), 4, "{plan}");
+    for scan in conversation_scans {
+        assert!(
+            [
+                "conversations_pkey",
+                "conversations_one_open",
+                "conversations_by_mb"
+            ]
+            .iter()
+            .any(|index| scan.contains(&format!("using {index} "))),
+            "a conversation read not keyed by its id or MessageBird id: {scan}\n{plan}"
+        );
+    }
+}
