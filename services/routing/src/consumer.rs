@@ -47,7 +47,7 @@ use tracing::Instrument;
 
 use crate::{
     assign::{AssignError, Assigner},
-    ingest::{BEGIN_BATCH, BatchState, FollowUps, Inbound, IngestError, Ingestor},
+    ingest::{BatchState, FollowUps, Inbound, IngestError, Ingestor},
     metrics::Metrics,
     store,
 };
@@ -341,12 +341,7 @@ async fn apply_batch(
     spans: &[tracing::Span],
     careful: bool,
 ) -> Result<Option<(Vec<Verdict>, HashSet<uuid::Uuid>)>, IngestError> {
-    let mut tx = if careful {
-        context.pool.begin().await
-    } else {
-        context.pool.begin_with(BEGIN_BATCH).await
-    }
-    .map_err(IngestError::from)?;
+    let mut tx = context.pool.begin().await.map_err(IngestError::from)?;
     let mut state = BatchState::default();
     if !careful {
         let events: Vec<&Inbound> = decoded.iter().filter_map(|e| e.as_ref().ok()).collect();

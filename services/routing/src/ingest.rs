@@ -248,16 +248,17 @@ struct LookupKey<'a> {
     received: bool,
 }
 
-/// The batch lookup. Every part of it is keyed by one index only, so the plan PostgreSQL caches
-/// for it (the consumer asks for the generic plan, see [`BEGIN_BATCH`]) stays right whatever
-/// the tables held when it was made:
-/// - the conversation laterals are written so that no other index can serve them: the open
-///   one through `conversations_one_open`, the latest through `conversations_by_mb`'s order.
-///   (A plan made on empty tables once served "is there a closed one" and "open, else latest"
-///   through `conversations_activity`, i.e. by scanning the shop's every conversation.)
-///   Without an open one, any conversation there is a closed one.
+/// The batch lookup. PostgreSQL plans it anew per batch while batches are small, but switches
+/// to its cached generic plan when that looks cheaper (large batches: the generic plan is
+/// costed for 10 keys), and that plan may have been made while the tables were empty. So
+/// every part of it is written to have one possible index:
+/// - the conversation laterals: the open one through `conversations_one_open`, the latest
+///   through `conversations_by_mb`'s order. (Written as "a closed one exists" and "open, else
+///   latest", a plan made on empty tables served them through `conversations_activity`, i.e.
+///   by scanning the shop's every conversation per key.) Without an open one, any
+///   conversation there is a closed one.
 /// - the non-locking laterals are fenced (`offset 0`) so each stays one index lookup per key
-///   instead of entering the join search.
+///   instead of entering the join search (it halves the planning).
 pub const LOOKUP: &str = "\
     select k.ord, e.message_id as e_message_id, e.status as e_status,
            e.conversation_id as e_conversation_id, e.state as e_state,
@@ -299,12 +300,6 @@ pub const LOOKUP: &str = "\
          and o.conversation_id is null and so.conversation_id is null
        order by created_at desc limit 1) la on true
     order by k.ord";
-
-/// How a fast-path batch transaction starts: with PostgreSQL's cached (generic) plan for the
-/// lookup, its first statement. Planned anew for each batch, the lookup cost ~0.3 ms of
-/// planning against ~0.1 ms of running. [`Ingestor::prefetch`] turns the default back on
-/// right after the lookup: other statements' generic plans are not safe on growing tables.
-pub const BEGIN_BATCH: &str = "begin; set local plan_cache_mode = force_generic_plan";
 
 /// Reads, for each key, the stored copy of the message, the customer and, for a customer's
 /// message, the open conversation (locked), for anyone else's the open or else latest one.
@@ -382,8 +377,7 @@ fn customer_key_of(event: &InboundWebhookEvent) -> Option<Result<CustomerKey, St
 
 impl Ingestor {
     /// Reads what every message of the batch is matched against in one statement, before the
-    /// batch is applied event by event (which then takes each event's rows from here). The
-    /// first statement of a transaction begun with [`BEGIN_BATCH`].
+    /// batch is applied event by event (which then takes each event's rows from here).
     pub async fn prefetch(
         &self,
         conn: &mut PgConnection,
@@ -403,15 +397,10 @@ impl Ingestor {
             .zip(&customers)
             .filter_map(|(event, customer)| lookup_key(event, customer))
             .collect();
-        let rows = if keys.is_empty() {
-            Vec::new()
-        } else {
-            lookup(conn, &keys).await?
-        };
-        // Back to PostgreSQL's default plan choice for the rest of the batch (see BEGIN_BATCH).
-        sqlx::query("set local plan_cache_mode to default")
-            .execute(&mut *conn)
-            .await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let rows = lookup(conn, &keys).await?;
         for (key, row) in keys.iter().zip(rows) {
             batch
                 .lookups
