@@ -1681,3 +1681,69 @@ async fn a_confirmation_redis_missed_is_retried_from_the_record() {
     );
     check_log(&h.pool).await.unwrap();
 }
+
+/// The periodic check repairs drift either way, each counted: a conversation Redis no longer
+/// counts for its assignee, and one Redis still counts for an employee the record has nothing
+/// open for (a close whose release never reached Redis), who meanwhile lost the permission, so
+/// that only Redis still knows them.
+#[tokio::test]
+async fn drift_either_way_is_repaired_from_the_record_and_counted() {
+    let h = harness(Duration::from_secs(30)).await;
+    h.svc.set_shop_slots("s", 2).await.unwrap();
+    h.svc.set_permission("s", "e", "E", true).await.unwrap();
+    h.svc.set_permission("s", "f", "F", true).await.unwrap();
+    // Two customers: the second is not sticky to the first one's employee.
+    let (first, second) = (
+        new_customer(&h.pool, "s").await,
+        new_customer(&h.pool, "s").await,
+    );
+    let a = new_conversation(&h.pool, "s", first, 1, "waiting_for_employee").await;
+    let b = new_conversation(&h.pool, "s", second, 2, "waiting_for_employee").await;
+    let mut owners = Vec::new();
+    for id in [a, b] {
+        match h.svc.assign_waiting(id, ClaimKind::Auto).await.unwrap() {
+            Assignment::Assigned { employee_id } => owners.push(employee_id),
+            other => panic!("{id} was not assigned: {other:?}"),
+        }
+    }
+    let (owner_a, owner_b) = (owners[0].clone(), owners[1].clone());
+    assert_ne!(owner_a, owner_b, "the least loaded takes the second");
+    assert_eq!(h.svc.check_drift().await.unwrap(), 0, "no drift yet");
+
+    // Redis forgets a.
+    let mut conn = h.redis.connection().await;
+    let open_a = format!("{}emp:{owner_a}:open", h.svc.engine().key_prefix());
+    let removed: i64 = redis::cmd("SREM")
+        .arg(&open_a)
+        .arg(a.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    // The record closes b without telling Redis; then b's owner loses the permission.
+    close_in_record(&h.pool, b).await;
+    h.svc
+        .set_permission("s", &owner_b, "", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.svc
+            .engine()
+            .inspect(&owner_b)
+            .await
+            .unwrap()
+            .unwrap()
+            .open,
+        vec![b.to_string()],
+        "Redis still counts b"
+    );
+
+    assert_eq!(h.svc.check_drift().await.unwrap(), 2);
+    assert_eq!(h.metrics.repairs.get(), 2);
+    let state_a = h.svc.engine().inspect(&owner_a).await.unwrap().unwrap();
+    assert_eq!(state_a.open, vec![a.to_string()]);
+    let state_b = h.svc.engine().inspect(&owner_b).await.unwrap().unwrap();
+    assert!(state_b.open.is_empty(), "{state_b:?}");
+    assert_eq!(h.svc.check_drift().await.unwrap(), 0, "repaired for good");
+    assert_eq!(h.metrics.repairs.get(), 2);
+}

@@ -402,6 +402,35 @@ impl SlotEngine {
         }
     }
 
+    /// Every employee Redis keeps a state for: anyone a script ever counted conversations for
+    /// (the `st` hash, bounded by the number of employees). HSCAN, so a large staff does not
+    /// block Redis.
+    pub async fn known_employees(&self) -> Result<Vec<String>, SlotError> {
+        let mut conn = self.conn.clone();
+        let key = format!("{}st", self.prefix);
+        let mut employees = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            // Field, value, field, value...; the values are packed binary states.
+            let (next, pairs): (u64, Vec<Vec<u8>>) = redis::cmd("HSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await?;
+            for field in pairs.into_iter().step_by(2) {
+                employees.push(String::from_utf8(field).map_err(|e| {
+                    SlotError::Protocol(format!("an employee id in Redis is not UTF-8: {e}"))
+                })?);
+            }
+            if next == 0 {
+                return Ok(employees);
+            }
+            cursor = next;
+        }
+    }
+
     /// Replaces an employee's committed conversations (pairs of conversation, shop) when
     /// nothing changed since `version`. Returns (added, removed), or `None` when skipped.
     pub async fn repair(

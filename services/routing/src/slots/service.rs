@@ -3,7 +3,7 @@
 //! PostgreSQL (fenced on the Redis epoch), then confirmed; a failed commit gives the slot back.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -1552,16 +1552,21 @@ impl SlotService {
 
     /// Compares each employee's committed conversations in Redis with the record and repairs
     /// differences, skipping employees with claims in flight. Returns how many were repaired.
+    ///
+    /// Drift can only be about someone with open conversations in the record or a state in
+    /// Redis, so those are the employees checked: both sets are bounded by the staff and
+    /// today's open conversations, where the assignment log only ever grows.
     pub async fn check_drift(&self) -> Result<u32, SlotError> {
         self.ensure_rebuilt().await?;
-        let employees: Vec<String> = sqlx::query_scalar(
-            "select assignee_employee_id from conversations
-             where state = 'assigned' and assignee_employee_id is not null
-             union select employee_id from slot_candidates
-             union select employee_id from assignment_log",
+        let mut employees: BTreeSet<String> = sqlx::query_scalar::<_, String>(
+            "select distinct assignee_employee_id from conversations
+             where state = 'assigned' and assignee_employee_id is not null",
         )
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .collect();
+        employees.extend(self.engine.known_employees().await?);
         let mut repaired = 0;
         for employee in employees {
             // Redis first: a claim after this read changes the version and voids the repair.
