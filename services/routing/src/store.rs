@@ -168,11 +168,6 @@ const CONVERSATION_COLUMNS: &str = concat!(
     c.last_activity_at, c.closed_at, c.last_message_preview,
     cu.customer_id, cu.msisdn, cu.messagebird_contact_id, cu.display_name as customer_name,
     am.display_name as assignee_name,
-    case when c.state = 'waiting_for_employee' then
-        (select count(*) from conversations w
-         where w.shop_id = c.shop_id and w.state = 'waiting_for_employee'
-           and (w.waiting_since, w.conversation_id) <= (c.waiting_since, c.conversation_id))
-    else 0 end as queue_position,
     coalesce((select array_agg(l.target_id order by l.target_id) from conversation_links l
               where l.conversation_id = c.conversation_id and l.kind = 'order'), '{}') as order_ids,
     coalesce((select array_agg(l.target_id order by l.target_id) from conversation_links l
@@ -234,8 +229,88 @@ fn conversation_from_row(row: &PgRow) -> Result<Conversation, sqlx::Error> {
         order_ids: row.try_get("order_ids")?,
         ticket_ids: row.try_get("ticket_ids")?,
         last_message_preview: row.try_get("last_message_preview")?,
-        queue_position: u32::try_from(row.try_get::<i64, _>("queue_position")?).unwrap_or(0),
+        // Filled in by `with_queue_positions`.
+        queue_position: 0,
     })
+}
+
+/// Conversations from their rows, with the queue positions of the waiting ones.
+async fn conversations_from_rows(
+    conn: &mut PgConnection,
+    rows: &[PgRow],
+) -> Result<Vec<Conversation>, sqlx::Error> {
+    let mut conversations = Vec::with_capacity(rows.len());
+    let mut waiting = Vec::new();
+    for row in rows {
+        let conversation = conversation_from_row(row)?;
+        if conversation.state == ConversationState::WaitingForEmployee as i32
+            && let Some(since) = row.try_get::<Option<DateTime<Utc>>, _>("waiting_since")?
+        {
+            waiting.push(Waiting {
+                index: conversations.len(),
+                shop_id: conversation.shop_id.clone(),
+                since,
+                conversation_id: row.try_get("conversation_id")?,
+            });
+        }
+        conversations.push(conversation);
+    }
+    if !waiting.is_empty() {
+        let positions = queue_positions(conn, &waiting).await?;
+        for w in &waiting {
+            conversations[w.index].queue_position =
+                positions.get(&w.conversation_id).copied().unwrap_or(0);
+        }
+    }
+    Ok(conversations)
+}
+
+/// A waiting conversation among those loaded.
+struct Waiting {
+    index: usize,
+    shop_id: String,
+    since: DateTime<Utc>,
+    conversation_id: Uuid,
+}
+
+/// 1-based positions in their shops' queues (oldest first). Each shop's queue is ranked once,
+/// up to the last of its conversations asked for: counting the queue ahead of each one
+/// separately read a long queue again for every conversation of a batch or a page.
+async fn queue_positions(
+    conn: &mut PgConnection,
+    waiting: &[Waiting],
+) -> Result<HashMap<Uuid, u32>, sqlx::Error> {
+    let mut last: HashMap<&str, (DateTime<Utc>, Uuid)> = HashMap::new();
+    for w in waiting {
+        let key = (w.since, w.conversation_id);
+        last.entry(w.shop_id.as_str())
+            .and_modify(|bound| *bound = (*bound).max(key))
+            .or_insert(key);
+    }
+    let (shops, bounds): (Vec<&str>, Vec<(DateTime<Utc>, Uuid)>) = last.into_iter().unzip();
+    let (since, ids): (Vec<DateTime<Utc>>, Vec<Uuid>) = bounds.into_iter().unzip();
+    let wanted: Vec<Uuid> = waiting.iter().map(|w| w.conversation_id).collect();
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "select q.conversation_id, q.position
+         from unnest($1::text[], $2::timestamptz[], $3::uuid[]) as b(shop_id, since, last_id)
+         cross join lateral (
+            select w.conversation_id,
+                   row_number() over (order by w.waiting_since, w.conversation_id) as position
+            from conversations w
+            where w.shop_id = b.shop_id and w.state = 'waiting_for_employee'
+              and (w.waiting_since, w.conversation_id) <= (b.since, b.last_id)) q
+         where q.conversation_id = any($4)",
+    )
+    .bind(&shops)
+    .bind(&since)
+    .bind(&ids)
+    .bind(&wanted)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, position)| (id, u32::try_from(position).unwrap_or(u32::MAX)))
+        .collect())
 }
 
 /// One conversation as the API shows it.
@@ -245,11 +320,14 @@ pub async fn load_conversation(
 ) -> Result<Option<Conversation>, sqlx::Error> {
     let sql =
         format!("select {CONVERSATION_COLUMNS} {CONVERSATION_FROM} where c.conversation_id = $1");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(conversation_id)
-        .fetch_optional(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
-    row.as_ref().map(conversation_from_row).transpose()
+    Ok(conversations_from_rows(conn, &rows)
+        .await?
+        .into_iter()
+        .next())
 }
 
 /// Several conversations as the API shows them, by id (missing ids are left out).
@@ -264,8 +342,10 @@ pub async fn load_conversations(
         .bind(conversation_ids)
         .fetch_all(&mut *conn)
         .await?;
+    let conversations = conversations_from_rows(conn, &rows).await?;
     rows.iter()
-        .map(|row| Ok((row.try_get("conversation_id")?, conversation_from_row(row)?)))
+        .zip(conversations)
+        .map(|(row, conversation)| Ok((row.try_get("conversation_id")?, conversation)))
         .collect()
 }
 
@@ -312,7 +392,7 @@ pub async fn list_dialogs(
         .bind(limit + 1)
         .fetch_all(&mut *conn)
         .await?;
-    page_of_conversations(rows, limit)
+    page_of_conversations(conn, rows, limit).await
 }
 
 fn split_cursor(cursor: Option<&Cursor>) -> (Option<DateTime<Utc>>, Option<String>) {
@@ -322,15 +402,16 @@ fn split_cursor(cursor: Option<&Cursor>) -> (Option<DateTime<Utc>>, Option<Strin
     }
 }
 
-fn page_of_conversations(
-    rows: Vec<PgRow>,
+async fn page_of_conversations(
+    conn: &mut PgConnection,
+    mut rows: Vec<PgRow>,
     limit: i64,
 ) -> Result<(Vec<Conversation>, Option<Cursor>), sqlx::Error> {
     let has_more = rows.len() as i64 > limit;
-    let mut conversations = Vec::with_capacity(rows.len());
+    rows.truncate(usize::try_from(limit).unwrap_or(0));
+    let conversations = conversations_from_rows(conn, &rows).await?;
     let mut last = None;
-    for row in rows.iter().take(usize::try_from(limit).unwrap_or(0)) {
-        conversations.push(conversation_from_row(row)?);
+    for row in &rows {
         last = Some(Cursor {
             at: row.try_get("last_activity_at")?,
             tie: row.try_get::<Uuid, _>("conversation_id")?.to_string(),
@@ -391,7 +472,7 @@ pub async fn linked_conversations(
         .bind(limit + 1)
         .fetch_all(&mut *conn)
         .await?;
-    page_of_conversations(rows, limit)
+    page_of_conversations(conn, rows, limit).await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -862,3 +862,71 @@ async fn the_lookups_cached_plan_made_on_empty_tables_is_keyed_by_conversation()
         );
     }
 }
+
+/// Queue positions count from the oldest waiting conversation, whichever way the conversations
+/// are read (a page of the queue, one by one), and move up when one ahead leaves the queue.
+#[tokio::test]
+async fn queue_positions_follow_the_waiting_order_in_lists_and_single_reads() {
+    let mut settings = shop(true, false);
+    settings.conversation_slots = 0;
+    let env = Env::start(settings).await;
+    for i in 0..4 {
+        let msg = Msg::received(&format!("mbconv-q{i}"), &format!("mbmsg-q{i}"), "Hello?");
+        env.publish(&msg.event()).await;
+    }
+    let mut queue = eventually(20, "four waiting conversations", || async {
+        let list = dialogs(&env, "alice", DialogFilter::Unassigned)
+            .await
+            .ok()?;
+        (list.len() == 4).then_some(list)
+    })
+    .await;
+    // The queue's order: oldest first, ties by id.
+    let key = |c: &shopctrl_proto::v1::Conversation| {
+        let since = c.waiting_since.unwrap();
+        (since.seconds, since.nanos, c.conversation_id.clone())
+    };
+    queue.sort_by_key(key);
+    let positions: Vec<u32> = queue.iter().map(|c| c.queue_position).collect();
+    assert_eq!(positions, vec![1, 2, 3, 4], "a page of the queue");
+    let mut client = env.client().await;
+    for (i, conversation) in queue.iter().enumerate() {
+        let single = client
+            .get_conversation(as_employee(
+                GetConversationRequest {
+                    conversation_id: conversation.conversation_id.clone(),
+                },
+                "alice",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(single.queue_position, i as u32 + 1, "read on its own");
+    }
+
+    client
+        .close_conversation(as_employee(
+            CloseConversationRequest {
+                conversation_id: queue[1].conversation_id.clone(),
+            },
+            "alice",
+        ))
+        .await
+        .unwrap();
+    let mut rest = dialogs(&env, "alice", DialogFilter::Unassigned)
+        .await
+        .unwrap();
+    rest.sort_by_key(key);
+    let rest: Vec<(String, u32)> = rest
+        .into_iter()
+        .map(|c| (c.conversation_id, c.queue_position))
+        .collect();
+    assert_eq!(
+        rest,
+        vec![
+            (queue[0].conversation_id.clone(), 1),
+            (queue[2].conversation_id.clone(), 2),
+            (queue[3].conversation_id.clone(), 3),
+        ]
+    );
+}
