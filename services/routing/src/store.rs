@@ -273,13 +273,30 @@ struct Waiting {
     conversation_id: Uuid,
 }
 
-/// 1-based positions in their shops' queues (oldest first). Each shop's queue is ranked once,
-/// up to the last of its conversations asked for: counting the queue ahead of each one
-/// separately read a long queue again for every conversation of a batch or a page.
+/// 1-based positions in their shops' queues (oldest first), counted in `conversations_queue`
+/// (the queue's order) without visiting the table. One conversation: the entries ahead of it
+/// are counted. Several: each shop's queue is ranked once, up to the last of them, since
+/// counting ahead of each one would read a long queue again for every conversation of a page.
 async fn queue_positions(
     conn: &mut PgConnection,
     waiting: &[Waiting],
 ) -> Result<HashMap<Uuid, u32>, sqlx::Error> {
+    if let [one] = waiting {
+        let position: i64 = sqlx::query_scalar(
+            "select count(*) from conversations w
+             where w.shop_id = $1 and w.state = 'waiting_for_employee'
+               and (w.waiting_since, w.conversation_id) <= ($2, $3)",
+        )
+        .bind(&one.shop_id)
+        .bind(one.since)
+        .bind(one.conversation_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        return Ok(HashMap::from([(
+            one.conversation_id,
+            u32::try_from(position).unwrap_or(u32::MAX),
+        )]));
+    }
     let mut last: HashMap<&str, (DateTime<Utc>, Uuid)> = HashMap::new();
     for w in waiting {
         let key = (w.since, w.conversation_id);
