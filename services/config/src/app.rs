@@ -48,8 +48,6 @@ const SERVED: [&str; 5] = [
 /// The PostgreSQL schema the service owns.
 pub const SCHEMA: &str = "config";
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
 /// Creates the `config` schema when missing, runs the embedded migrations, and returns a pool
 /// whose connections use the schema.
 pub async fn connect_and_migrate(settings: &Settings) -> anyhow::Result<PgPool> {
@@ -86,7 +84,12 @@ pub async fn connect_and_migrate(settings: &Settings) -> anyhow::Result<PgPool> 
         .connect_with(base.options([("search_path", SCHEMA)]))
         .await
         .context("cannot open the PostgreSQL pool")?;
-    MIGRATOR
+    let mut migrator = sqlx::migrate!("./migrations");
+    // During a rolling upgrade the previous release's pods still start (restarts, scaling)
+    // after the new release migrated: migrations it does not know are expected then, since
+    // each one stays compatible with the release before.
+    migrator.set_ignore_missing(true);
+    migrator
         .run(&pool)
         .await
         .context("running the config migrations failed")?;

@@ -96,7 +96,12 @@ pub async fn migrate(settings: &Settings) -> Result<(), StartError> {
     )))
     .execute(&mut conn)
     .await?;
-    sqlx::migrate!("./migrations").run(&mut conn).await?;
+    let mut migrator = sqlx::migrate!("./migrations");
+    // During a rolling upgrade the previous release's pods still start (restarts, scaling)
+    // after the new release migrated: migrations it does not know are expected then, since
+    // each one stays compatible with the release before.
+    migrator.set_ignore_missing(true);
+    migrator.run(&mut conn).await?;
     let _ = conn.close().await;
     Ok(())
 }

@@ -229,7 +229,7 @@ fn conversation_from_row(row: &PgRow) -> Result<Conversation, sqlx::Error> {
         order_ids: row.try_get("order_ids")?,
         ticket_ids: row.try_get("ticket_ids")?,
         last_message_preview: row.try_get("last_message_preview")?,
-        // Filled in by `with_queue_positions`.
+        // Filled in by `conversations_from_rows`.
         queue_position: 0,
     })
 }

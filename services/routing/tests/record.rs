@@ -815,10 +815,10 @@ async fn a_new_conversation_is_assigned_by_the_transaction_that_stores_its_first
     );
 }
 
-/// The consumer runs the batch lookup on PostgreSQL's cached (generic) plan, which may be made
-/// while the tables are still empty. That plan must still reach each conversation through an
-/// index keyed by the MessageBird conversation id; one made on the shop alone would scan the
-/// shop's every conversation for each message until the next ANALYZE.
+/// PostgreSQL runs the batch lookup on its cached (generic) plan once that looks cheaper (large
+/// batches), and that plan may be made while the tables are still empty. It must still reach
+/// each conversation through an index keyed by the MessageBird conversation id; one made on the
+/// shop alone would scan the shop's every conversation for each message until the next ANALYZE.
 #[tokio::test]
 async fn the_lookups_cached_plan_made_on_empty_tables_is_keyed_by_conversation() {
     let env = Env::start(shop(true, false)).await;
@@ -863,16 +863,25 @@ async fn the_lookups_cached_plan_made_on_empty_tables_is_keyed_by_conversation()
     }
 }
 
-/// Queue positions count from the oldest waiting conversation, whichever way the conversations
-/// are read (a page of the queue, one by one), and move up when one ahead leaves the queue.
+/// Queue positions count from the oldest waiting conversation of the same shop, whichever way
+/// the conversations are read (a page that does not start at the head of the queue, one by
+/// one), and move up when one ahead leaves the queue.
 #[tokio::test]
 async fn queue_positions_follow_the_waiting_order_in_lists_and_single_reads() {
     let mut settings = shop(true, false);
     settings.conversation_slots = 0;
-    let env = Env::start(settings).await;
+    let env = Env::start(settings.clone()).await;
+    // Another shop's queue, interleaved, counts for nobody here.
+    let mut other = settings;
+    other.shop_id = "shop-2".into();
+    env.config.put(other);
     for i in 0..4 {
         let msg = Msg::received(&format!("mbconv-q{i}"), &format!("mbmsg-q{i}"), "Hello?");
         env.publish(&msg.event()).await;
+        let mut elsewhere =
+            Msg::received(&format!("mbconv-o{i}"), &format!("mbmsg-o{i}"), "Hi").event();
+        elsewhere.shop_id = "shop-2".into();
+        env.publish(&elsewhere).await;
     }
     let mut queue = eventually(20, "four waiting conversations", || async {
         let list = dialogs(&env, "alice", DialogFilter::Unassigned)
@@ -888,8 +897,47 @@ async fn queue_positions_follow_the_waiting_order_in_lists_and_single_reads() {
     };
     queue.sort_by_key(key);
     let positions: Vec<u32> = queue.iter().map(|c| c.queue_position).collect();
-    assert_eq!(positions, vec![1, 2, 3, 4], "a page of the queue");
+    assert_eq!(positions, vec![1, 2, 3, 4], "the whole queue in one page");
+    let expected: std::collections::HashMap<String, u32> = queue
+        .iter()
+        .map(|c| (c.conversation_id.clone(), c.queue_position))
+        .collect();
+
+    // Pages of two (newest activity first): each shows the positions in the whole queue.
     let mut client = env.client().await;
+    let mut token = String::new();
+    let mut seen = 0;
+    loop {
+        let page = client
+            .list_dialogs(as_employee(
+                ListDialogsRequest {
+                    shop_id: SHOP.into(),
+                    filter: DialogFilter::Unassigned as i32,
+                    page: Some(PageRequest {
+                        page_size: 2,
+                        page_token: token.clone(),
+                    }),
+                },
+                "alice",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        for c in &page.conversations {
+            assert_eq!(
+                c.queue_position, expected[&c.conversation_id],
+                "{} in a page of two",
+                c.conversation_id
+            );
+            seen += 1;
+        }
+        let next = page.page.map(|p| p.next_page_token).unwrap_or_default();
+        if next.is_empty() {
+            break;
+        }
+        token = next;
+    }
+    assert_eq!(seen, 4);
     for (i, conversation) in queue.iter().enumerate() {
         let single = client
             .get_conversation(as_employee(

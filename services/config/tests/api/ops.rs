@@ -1,4 +1,5 @@
-//! gRPC health and reflection (v1 and v1alpha), the ops endpoints, graceful shutdown.
+//! gRPC health and reflection (v1 and v1alpha), the ops endpoints, graceful shutdown, start-up
+//! during a rolling upgrade.
 
 use std::time::Duration;
 
@@ -178,4 +179,29 @@ async fn ops_endpoints_and_graceful_shutdown() -> TestResult {
     .await;
     assert!(!matches!(refused, Ok(Ok(_))), "ops server still up");
     Ok(())
+}
+
+/// During a rolling upgrade the previous release still starts after the new one migrated: a
+/// migration it does not know is no reason to refuse.
+#[tokio::test]
+async fn migrations_of_a_newer_release_do_not_stop_the_previous_one() {
+    let db = shopctrl_testkit::TestDatabase::create().await;
+    let mut settings = shopctrl_config::Settings::defaults();
+    settings.database_url = shopctrl_config::Redacted::new(db.url());
+    let pool = shopctrl_config::connect_and_migrate(&settings)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into config._sqlx_migrations
+             (version, description, success, checksum, execution_time)
+         values (99999999, 'from a newer release', true, '\\x00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let pool = shopctrl_config::connect_and_migrate(&settings)
+        .await
+        .expect("the previous release starts");
+    pool.close().await;
 }
