@@ -1747,3 +1747,17 @@ async fn drift_either_way_is_repaired_from_the_record_and_counted() {
     assert_eq!(h.svc.check_drift().await.unwrap(), 0, "repaired for good");
     assert_eq!(h.metrics.repairs.get(), 2);
 }
+
+/// The drift check's list of employees Redis knows is read in several HSCAN steps on a large
+/// staff; every employee comes back.
+#[tokio::test]
+async fn every_employee_redis_keeps_a_state_for_is_listed_on_a_large_staff() {
+    let h = harness(Duration::from_secs(30)).await;
+    let staff: BTreeSet<String> = (0..1_500).map(|i| format!("employee-{i}")).collect();
+    for employee in &staff {
+        assert!(h.svc.engine().set_present(employee, true).await.unwrap());
+    }
+    let listed = h.svc.engine().known_employees().await.unwrap();
+    assert!(listed.len() >= staff.len(), "{} listed", listed.len());
+    assert_eq!(listed.into_iter().collect::<BTreeSet<_>>(), staff);
+}
