@@ -34,6 +34,39 @@ async fn dialogs(
         .map(|r| r.into_inner().conversations)
 }
 
+/// Every conversation of a dialog list, read page by page.
+async fn all_pages(
+    env: &Env,
+    filter: DialogFilter,
+    page_size: u32,
+) -> Vec<shopctrl_proto::v1::Conversation> {
+    let mut client = env.client().await;
+    let mut token = String::new();
+    let mut all = Vec::new();
+    loop {
+        let page = client
+            .list_dialogs(as_employee(
+                ListDialogsRequest {
+                    shop_id: SHOP.into(),
+                    filter: filter as i32,
+                    page: Some(PageRequest {
+                        page_size,
+                        page_token: token.clone(),
+                    }),
+                },
+                "alice",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.conversations);
+        token = page.page.unwrap_or_default().next_page_token;
+        if token.is_empty() {
+            return all;
+        }
+    }
+}
+
 async fn messages(env: &Env, conversation_id: &str) -> Vec<shopctrl_proto::v1::Message> {
     let mut client = env.client().await;
     client
@@ -541,35 +574,11 @@ async fn dialogs_and_messages_page_newest_activity_first() {
         (env.count("select count(*) from messages").await == 10).then_some(())
     })
     .await;
-    let mut client = env.client().await;
-    let mut token = String::new();
-    let mut seen = Vec::new();
-    loop {
-        let page = client
-            .list_dialogs(as_employee(
-                ListDialogsRequest {
-                    shop_id: SHOP.into(),
-                    filter: DialogFilter::All as i32,
-                    page: Some(PageRequest {
-                        page_size: 2,
-                        page_token: token.clone(),
-                    }),
-                },
-                "alice",
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        seen.extend(
-            page.conversations
-                .iter()
-                .map(|c| c.messagebird_conversation_id.clone()),
-        );
-        token = page.page.unwrap_or_default().next_page_token;
-        if token.is_empty() {
-            break;
-        }
-    }
+    let seen: Vec<String> = all_pages(&env, DialogFilter::All, 2)
+        .await
+        .into_iter()
+        .map(|c| c.messagebird_conversation_id)
+        .collect();
     assert_eq!(
         seen,
         ["pconv-4", "pconv-3", "pconv-2", "pconv-1", "pconv-0"]
@@ -581,6 +590,7 @@ async fn dialogs_and_messages_page_newest_activity_first() {
     .fetch_one(&env.pool)
     .await
     .unwrap();
+    let mut client = env.client().await;
     let first = client
         .list_messages(as_employee(
             ListMessagesRequest {
@@ -904,40 +914,16 @@ async fn queue_positions_follow_the_waiting_order_in_lists_and_single_reads() {
         .collect();
 
     // Pages of two (newest activity first): each shows the positions in the whole queue.
-    let mut client = env.client().await;
-    let mut token = String::new();
-    let mut seen = 0;
-    loop {
-        let page = client
-            .list_dialogs(as_employee(
-                ListDialogsRequest {
-                    shop_id: SHOP.into(),
-                    filter: DialogFilter::Unassigned as i32,
-                    page: Some(PageRequest {
-                        page_size: 2,
-                        page_token: token.clone(),
-                    }),
-                },
-                "alice",
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        for c in &page.conversations {
-            assert_eq!(
-                c.queue_position, expected[&c.conversation_id],
-                "{} in a page of two",
-                c.conversation_id
-            );
-            seen += 1;
-        }
-        let next = page.page.map(|p| p.next_page_token).unwrap_or_default();
-        if next.is_empty() {
-            break;
-        }
-        token = next;
+    let paged = all_pages(&env, DialogFilter::Unassigned, 2).await;
+    assert_eq!(paged.len(), 4);
+    for c in &paged {
+        assert_eq!(
+            c.queue_position, expected[&c.conversation_id],
+            "{} in a page of two",
+            c.conversation_id
+        );
     }
-    assert_eq!(seen, 4);
+    let mut client = env.client().await;
     for (i, conversation) in queue.iter().enumerate() {
         let single = client
             .get_conversation(as_employee(
