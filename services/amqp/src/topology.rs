@@ -63,7 +63,8 @@ impl Names {
     pub fn outbound_exchange(&self) -> String {
         self.name("messaging.outbound")
     }
-    /// Topic exchange for employee notifications (`employee.<id>`, `shop.<id>`).
+    /// Topic exchange for employee notifications (`employees` for batches of numbered employee
+    /// events, `shop.<id>` for shop-wide notices).
     pub fn notify_exchange(&self) -> String {
         self.name("messaging.notify")
     }

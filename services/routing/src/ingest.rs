@@ -220,8 +220,6 @@ struct Notice {
     stored: Message,
     supported: bool,
     kind: String,
-    /// The span of the event that stored the message: its events join that event's trace.
-    span: tracing::Span,
 }
 
 /// The batch's lookups ([`Ingestor::prefetch`]) and the keys an earlier event of the batch
@@ -766,7 +764,6 @@ impl Ingestor {
                 stored,
                 supported: message.supported,
                 kind: message.r#type.clone(),
-                span: tracing::Span::current(),
             });
         }
         Ok(follow_ups)
@@ -1062,11 +1059,8 @@ impl Ingestor {
                     r#type: notice.kind,
                 })
             };
-            // Pushed inside the event's span: each event carries that trace context.
             match notice.assignee {
-                Some(employee_id) => notice
-                    .span
-                    .in_scope(|| events.push(&employee_id, &notice.shop_id, event)),
+                Some(employee_id) => events.push(&employee_id, &notice.shop_id, event),
                 None => {
                     // The shop: every employee who may chat there gets it in their own
                     // numbered stream (so a reconnect replays it), plus one shop-wide notice.
@@ -1074,11 +1068,9 @@ impl Ingestor {
                         let members = store::chat_members(conn, &notice.shop_id).await?;
                         chatters.insert(notice.shop_id.clone(), members);
                     }
-                    notice.span.in_scope(|| {
-                        for employee_id in chatters.get(&notice.shop_id).into_iter().flatten() {
-                            events.push(employee_id, &notice.shop_id, event.clone());
-                        }
-                    });
+                    for employee_id in chatters.get(&notice.shop_id).into_iter().flatten() {
+                        events.push(employee_id, &notice.shop_id, event.clone());
+                    }
                     self.sink.shop_notice(conn, &notice.shop_id, event).await?;
                 }
             }

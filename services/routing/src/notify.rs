@@ -1,7 +1,8 @@
 //! Employee event streams. Events are stored with the change they report, numbered per
 //! employee right after that commits ([`crate::sequencer`]) and announced through RabbitMQ's
-//! notify exchange by the outbox, so any replica can serve any employee: each replica binds its own
-//! transient queue and hands announcements to the local subscribers of that employee.
+//! notify exchange by the outbox, many per message, so any replica can serve any employee: each
+//! replica binds its own transient queue and hands announcements to the local subscribers of
+//! that employee.
 //!
 //! A subscriber first gets what it missed (sequence > after_sequence) from PostgreSQL, then the
 //! live announcements. PostgreSQL stays the source of truth: a gap in the live sequence, a
@@ -22,10 +23,13 @@ use lapin::{
 };
 use prost::Message as _;
 use shopctrl_amqp::{Names, QueueSpec, TopologyError, connect, declare_exchange, declare_queue};
-use shopctrl_proto::v1::{EmployeeEvent, Notification};
+use shopctrl_proto::v1::{EmployeeEvent, NotificationBatch};
 use sqlx::PgPool;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
+
+/// The routing key of numbered employee events' announcements (`NotificationBatch`).
+pub const EMPLOYEE_EVENTS_ROUTING_KEY: &str = "employees";
 
 /// How often a live stream re-checks PostgreSQL for events whose announcement it missed.
 const CATCH_UP_INTERVAL: Duration = Duration::from_secs(2);
@@ -110,7 +114,8 @@ async fn listen(
     ));
     declare_queue(
         &channel,
-        &QueueSpec::transient(queue.clone()).bind(names.notify_exchange(), "employee.*"),
+        &QueueSpec::transient(queue.clone())
+            .bind(names.notify_exchange(), EMPLOYEE_EVENTS_ROUTING_KEY),
     )
     .await?;
     channel.basic_qos(1000, BasicQosOptions::default()).await?;
@@ -135,13 +140,15 @@ async fn listen(
             next = consumer.next() => next,
         };
         let delivery = next.ok_or(ListenError::Ended)??;
-        let Ok(notification) = Notification::decode(delivery.data.as_slice()) else {
-            tracing::warn!("undecodable notification ignored");
+        let Ok(batch) = NotificationBatch::decode(delivery.data.as_slice()) else {
+            tracing::warn!("undecodable announcement ignored");
             continue;
         };
-        match EmployeeEvent::decode(notification.employee_event.as_slice()) {
-            Ok(event) => hub.deliver(event),
-            Err(error) => tracing::warn!(%error, "undecodable employee event ignored"),
+        for notification in batch.notifications {
+            match EmployeeEvent::decode(notification.employee_event.as_slice()) {
+                Ok(event) => hub.deliver(event),
+                Err(error) => tracing::warn!(%error, "undecodable employee event ignored"),
+            }
         }
     }
 }

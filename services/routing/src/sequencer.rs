@@ -4,7 +4,7 @@
 //! that counter row stayed locked until commit and shards with events for the same employee
 //! queued behind each other. Here one transaction at a time (an advisory lock, across
 //! replicas) numbers everything committed so far, stores the numbered events and queues their
-//! announcements in the outbox.
+//! announcements in the outbox, a few hundred events per message.
 //!
 //! Order: one conversation's events come from transactions that commit one after the other
 //! (its shard, or the API after the row lock), so they are read, and numbered, in that order.
@@ -13,7 +13,7 @@ use std::{collections::HashMap, time::Duration};
 
 use prost::Message as _;
 use shopctrl_amqp::{OutboxBatch, Wake};
-use shopctrl_proto::v1::EmployeeEvent;
+use shopctrl_proto::v1::{EmployeeEvent, Notification};
 use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,9 @@ const SEQUENCER_LOCK: i64 = 0x7365_7175_656e_6365;
 
 /// How many events one numbering transaction takes.
 const BATCH: i64 = 1000;
+
+/// How many events one announcement message carries at most (a few hundred KiB).
+const ANNOUNCEMENT_CHUNK: usize = 250;
 
 /// Numbers and announces stored employee events.
 #[derive(Clone)]
@@ -65,7 +68,7 @@ impl Sequencer {
             return Ok(0);
         }
         let rows = sqlx::query(
-            "select u.id, u.employee_id, u.shop_id, u.event, u.trace_headers,
+            "select u.id, u.employee_id, u.shop_id, u.event,
                     coalesce(s.last_sequence, 0) as last_sequence
              from (select * from employee_events_unnumbered order by id limit $1) u
              left join employee_sequences s on s.employee_id = u.employee_id
@@ -84,7 +87,7 @@ impl Sequencer {
         let mut sequences = Vec::with_capacity(rows.len());
         let mut shop_ids = Vec::with_capacity(rows.len());
         let mut stored = Vec::with_capacity(rows.len());
-        let mut outbox = Vec::with_capacity(rows.len());
+        let mut announced = Vec::with_capacity(rows.len());
         for row in &rows {
             let id: i64 = row.try_get("id")?;
             let employee_id: String = row.try_get("employee_id")?;
@@ -98,20 +101,26 @@ impl Sequencer {
                 .map_err(|error| StoreError::Event(format!("event {id}: {error}")))?;
             event.sequence = u64::try_from(sequence).unwrap_or(0);
             let bytes = event.encode_to_vec();
-            let headers: Vec<(String, String)> =
-                serde_json::from_value(row.try_get("trace_headers")?)?;
-            outbox.push(self.sink.notification_message(
-                &shop_id,
-                &employee_id,
-                event.sequence,
-                bytes.clone(),
-                headers,
-            ));
+            announced.push(Notification {
+                meta: None,
+                shop_id: shop_id.clone(),
+                employee_id: employee_id.clone(),
+                sequence: event.sequence,
+                employee_event: bytes.clone(),
+            });
             ids.push(id);
             employee_ids.push(employee_id);
             sequences.push(sequence);
             shop_ids.push(shop_id);
             stored.push(bytes);
+        }
+        // A few messages per numbering batch, not one per event: the broker's and the
+        // relay's cost is per message.
+        let mut outbox = Vec::new();
+        let mut announced = announced.into_iter().peekable();
+        while announced.peek().is_some() {
+            let chunk: Vec<Notification> = announced.by_ref().take(ANNOUNCEMENT_CHUNK).collect();
+            outbox.push(self.sink.notification_batch_message(chunk));
         }
         let (counter_ids, counters): (Vec<String>, Vec<i64>) = next.into_iter().unzip();
         let sql = format!(

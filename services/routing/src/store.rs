@@ -11,7 +11,7 @@ use prost::Message as _;
 use shopctrl_amqp::{Names, OutboxMessage, outbox_enqueue};
 use shopctrl_proto::v1::{
     Channel, Conversation, ConversationState, Customer, Direction, EmployeeEvent, EmployeeRef,
-    Message, MessageStatus, Notification, UnassignedReason, employee_event,
+    Message, MessageStatus, Notification, NotificationBatch, UnassignedReason, employee_event,
 };
 use sqlx::{PgConnection, Row, postgres::PgRow};
 use uuid::Uuid;
@@ -592,8 +592,6 @@ struct PendingEvent {
     shop_id: String,
     occurred_at: prost_types::Timestamp,
     event: employee_event::Event,
-    /// The trace context of the work that caused the event.
-    trace_headers: Vec<(String, String)>,
 }
 
 impl PendingEvents {
@@ -603,7 +601,6 @@ impl PendingEvents {
             shop_id: shop_id.to_owned(),
             occurred_at: to_timestamp(Utc::now()),
             event,
-            trace_headers: shopctrl_telemetry::inject_current(),
         });
     }
 
@@ -659,7 +656,6 @@ impl Sink {
         let mut employee_ids = Vec::with_capacity(events.len());
         let mut shop_ids = Vec::with_capacity(events.len());
         let mut stored = Vec::with_capacity(events.len());
-        let mut headers = Vec::with_capacity(events.len());
         for event in events {
             stored.push(
                 EmployeeEvent {
@@ -670,24 +666,22 @@ impl Sink {
                 }
                 .encode_to_vec(),
             );
-            headers.push(serde_json::to_value(&event.trace_headers)?);
             employee_ids.push(event.employee_id);
             shop_ids.push(event.shop_id);
         }
         sqlx::query(
             "with stored as (
-                insert into employee_events_unnumbered (employee_id, shop_id, event, trace_headers)
-                select employee_id, shop_id, event, trace_headers
-                from unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[])
-                     with ordinality as e(employee_id, shop_id, event, trace_headers, ord)
+                insert into employee_events_unnumbered (employee_id, shop_id, event)
+                select employee_id, shop_id, event
+                from unnest($1::text[], $2::text[], $3::bytea[])
+                     with ordinality as e(employee_id, shop_id, event, ord)
                 order by ord
              )
-             select pg_notify($5, '')",
+             select pg_notify($4, '')",
         )
         .bind(employee_ids)
         .bind(shop_ids)
         .bind(stored)
-        .bind(headers)
         .bind(crate::sequencer::WAKE_CHANNEL)
         .execute(&mut *conn)
         .await?;
@@ -708,53 +702,45 @@ impl Sink {
             event: Some(event),
         }
         .encode_to_vec();
-        self.notification(conn, shop_id, "", 0, bytes).await
-    }
-
-    async fn notification(
-        &self,
-        conn: &mut PgConnection,
-        shop_id: &str,
-        employee_id: &str,
-        sequence: u64,
-        employee_event: Vec<u8>,
-    ) -> Result<(), StoreError> {
-        let message =
-            self.notification_message(shop_id, employee_id, sequence, employee_event, Vec::new());
-        outbox_enqueue(conn, &message).await?;
-        Ok(())
-    }
-
-    /// The outbox row announcing one stored employee event (or a shop-wide notice when
-    /// `employee_id` is empty).
-    pub(crate) fn notification_message(
-        &self,
-        shop_id: &str,
-        employee_id: &str,
-        sequence: u64,
-        employee_event: Vec<u8>,
-        headers: Vec<(String, String)>,
-    ) -> OutboxMessage {
         let event_id = Uuid::now_v7();
         let notification = Notification {
             meta: Some(meta(event_id)),
             shop_id: shop_id.to_owned(),
-            employee_id: employee_id.to_owned(),
-            sequence,
-            employee_event,
+            employee_id: String::new(),
+            sequence: 0,
+            employee_event: bytes,
         };
-        let routing_key = if employee_id.is_empty() {
-            format!("shop.{shop_id}")
-        } else {
-            format!("employee.{employee_id}")
+        let message = OutboxMessage {
+            event_id,
+            exchange: self.names.notify_exchange(),
+            routing_key: format!("shop.{shop_id}"),
+            message_type: proto_type("Notification"),
+            payload: notification.encode_to_vec(),
+            headers: Vec::new(),
+        };
+        outbox_enqueue(conn, &message).await?;
+        Ok(())
+    }
+
+    /// The outbox row announcing numbered employee events, in the order given (see
+    /// `NotificationBatch` in the protocol). The events of a batch come from many requests,
+    /// so the message carries no single trace context.
+    pub(crate) fn notification_batch_message(
+        &self,
+        notifications: Vec<Notification>,
+    ) -> OutboxMessage {
+        let event_id = Uuid::now_v7();
+        let batch = NotificationBatch {
+            meta: Some(meta(event_id)),
+            notifications,
         };
         OutboxMessage {
             event_id,
             exchange: self.names.notify_exchange(),
-            routing_key,
-            message_type: proto_type("Notification"),
-            payload: notification.encode_to_vec(),
-            headers,
+            routing_key: crate::notify::EMPLOYEE_EVENTS_ROUTING_KEY.to_owned(),
+            message_type: proto_type("NotificationBatch"),
+            payload: batch.encode_to_vec(),
+            headers: Vec::new(),
         }
     }
 

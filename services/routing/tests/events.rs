@@ -14,7 +14,8 @@ use prost::Message as _;
 use shopctrl_amqp::{Outgoing, QueueSpec, declare_queue, lapin};
 use shopctrl_proto::v1::{
     DialogFilter, EmployeeEvent, EventMeta, ListDialogsRequest, ListMessagesRequest, MessageStatus,
-    OutboundSend, OutboundSendResult, ReplyRequest, SubscribeEventsRequest, employee_event::Event,
+    Notification, NotificationBatch, OutboundSend, OutboundSendResult, ReplyRequest,
+    SubscribeEventsRequest, employee_event::Event,
 };
 use tonic::Streaming;
 
@@ -175,6 +176,67 @@ async fn a_reconnecting_agent_misses_nothing() {
     assert_eq!(next(&mut elsewhere).await.sequence, 9);
     assert_eq!(next(&mut resumed).await.sequence, 9);
     other.stop().await;
+}
+
+/// Live events come from the broker's announcements, not only from the periodic re-read of
+/// the table: an announced event the table does not hold still reaches the live stream.
+#[tokio::test]
+async fn live_streams_are_fed_by_batched_announcements() {
+    let env = Env::start(shop(true, false)).await;
+    let mut stream = subscribe(&env, "alice", 0).await;
+    // A real event first: once it arrived, the stream is live.
+    env.publish(&image("live-conv-1", "live-1").event()).await;
+    let first = next(&mut stream).await;
+    assert_eq!(first.sequence, 1);
+
+    let announced = |sequence: u64, description: &str| {
+        let event = EmployeeEvent {
+            sequence,
+            employee_id: "alice".into(),
+            occurred_at: None,
+            event: Some(Event::SendFailed(shopctrl_proto::v1::SendFailedEvent {
+                description: description.into(),
+                ..Default::default()
+            })),
+        };
+        Notification {
+            meta: None,
+            shop_id: SHOP.into(),
+            employee_id: "alice".into(),
+            sequence,
+            employee_event: event.encode_to_vec(),
+        }
+    };
+    let batch = NotificationBatch {
+        meta: None,
+        notifications: vec![
+            announced(2, "only announced, never stored"),
+            announced(3, "the next one, same message"),
+        ],
+    };
+    env.publisher
+        .publish(Outgoing {
+            exchange: &env.names.notify_exchange(),
+            routing_key: "employees",
+            message_type: "shopctrl.messaging.v1.NotificationBatch",
+            message_id: "test-announcement",
+            payload: &batch.encode_to_vec(),
+            headers: &[],
+            mandatory: true,
+        })
+        .await
+        .unwrap();
+    for (sequence, description) in [
+        (2, "only announced, never stored"),
+        (3, "the next one, same message"),
+    ] {
+        let event = next(&mut stream).await;
+        assert_eq!(event.sequence, sequence);
+        let Some(Event::SendFailed(failed)) = event.event else {
+            panic!("unexpected event {event:?}");
+        };
+        assert_eq!(failed.description, description);
+    }
 }
 
 #[tokio::test]

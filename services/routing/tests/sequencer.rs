@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use common::{Env, eventually, shop};
 use prost::Message as _;
-use shopctrl_proto::v1::{EmployeeEvent, Notification, SendFailedEvent, employee_event};
+use shopctrl_proto::v1::{EmployeeEvent, NotificationBatch, SendFailedEvent, employee_event};
 use shopctrl_routing::{
     sequencer::Sequencer,
     store::{PendingEvents, Sink},
@@ -119,20 +119,40 @@ async fn events_are_numbered_consecutively_once_in_commit_order() {
         .unwrap();
         assert_eq!(latest, total as i64);
     }
-    // One announcement per event, carrying the same number.
-    let payloads: Vec<Vec<u8>> =
-        sqlx::query_scalar("select payload from outbox where routing_key like 'employee.%'")
-            .fetch_all(&env.pool)
-            .await
-            .unwrap();
-    assert_eq!(payloads.len(), total * employees.len());
+    // Every event announced once, carrying its number, in batches whose order follows the
+    // numbering.
+    let payloads: Vec<Vec<u8>> = sqlx::query_scalar(
+        "select payload from outbox where routing_key = 'employees' order by outbox_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        payloads.len() < total * employees.len(),
+        "{} messages for {} events: announcements are batched",
+        payloads.len(),
+        total * employees.len()
+    );
     let mut announced: HashMap<(String, u64), usize> = HashMap::new();
     for payload in payloads {
-        let n = Notification::decode(payload.as_slice()).unwrap();
-        let event = EmployeeEvent::decode(n.employee_event.as_slice()).unwrap();
-        assert_eq!(n.sequence, event.sequence);
-        *announced.entry((n.employee_id, n.sequence)).or_default() += 1;
+        let batch = NotificationBatch::decode(payload.as_slice()).unwrap();
+        assert!(!batch.notifications.is_empty() && batch.notifications.len() <= 250);
+        let mut last: HashMap<String, u64> = HashMap::new();
+        for n in batch.notifications {
+            let event = EmployeeEvent::decode(n.employee_event.as_slice()).unwrap();
+            assert_eq!(n.sequence, event.sequence);
+            assert_eq!(n.employee_id, event.employee_id);
+            if let Some(previous) = last.insert(n.employee_id.clone(), n.sequence) {
+                assert!(
+                    previous < n.sequence,
+                    "{}: announced out of order",
+                    n.employee_id
+                );
+            }
+            *announced.entry((n.employee_id, n.sequence)).or_default() += 1;
+        }
     }
+    assert_eq!(announced.len(), total * employees.len());
     assert!(announced.values().all(|&count| count == 1));
 }
 
