@@ -384,6 +384,7 @@ async fn main() {
     let per_tick = (rate / 100).max(1);
     let mut interval = tokio::time::interval(tick);
     let mut sent = 0u64;
+    let paced_cpu_before = CpuTicks::now();
     let paced_start = Instant::now();
     while sent < total {
         interval.tick().await;
@@ -396,6 +397,7 @@ async fn main() {
     while (committed.load(Ordering::SeqCst) as u64) < before + total {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let paced_cpu = CpuTicks::now().since(&paced_cpu_before);
     let mut l = latencies.lock().unwrap().clone();
     l.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let (messages, conversations): (i64, i64) = sqlx::query_as(
@@ -438,6 +440,14 @@ async fn main() {
         per_event(cpu.postgres),
         per_event(cpu.rabbitmq),
         per_event(cpu.redis)
+    );
+    let paced_per_event = |ticks: u64| ticks as f64 / paced_cpu.hz * 1e6 / total as f64;
+    println!(
+        "| latency phase: CPU per event (routing process, publisher included / PostgreSQL / RabbitMQ / Redis) | {:.0} / {:.0} / {:.0} / {:.0} us |",
+        paced_per_event(paced_cpu.own),
+        paced_per_event(paced_cpu.postgres),
+        paced_per_event(paced_cpu.rabbitmq),
+        paced_per_event(paced_cpu.redis)
     );
     println!(
         "| drain: WAL per event | {:.0} bytes |",
