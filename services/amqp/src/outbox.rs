@@ -63,8 +63,7 @@ pub async fn enqueue(conn: &mut PgConnection, message: &OutboxMessage) -> Result
 }
 
 /// Stores several messages in one statement (and one wake-up), in the order given. Unlike
-/// [`enqueue`], each message keeps exactly the headers it carries: callers that gather
-/// messages for later capture the trace context themselves, when the work happens.
+/// [`enqueue`], each message keeps exactly the headers it carries (none added here).
 pub async fn enqueue_many(
     conn: &mut PgConnection,
     messages: &[OutboxMessage],

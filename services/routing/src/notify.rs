@@ -70,7 +70,7 @@ impl Hub {
 /// Declares the notify exchange.
 pub async fn declare_notify(channel: &lapin::Channel, names: &Names) -> Result<(), TopologyError> {
     // No catch-all queue: announcements are published without `mandatory` (the outbox relay
-    // is told so), and an employee nobody streams for simply has no listener.
+    // is told so); while no routing replica listens, nobody streams, and they are dropped.
     declare_exchange(channel, &names.notify_exchange(), ExchangeKind::Topic).await
 }
 

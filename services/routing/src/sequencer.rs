@@ -28,8 +28,14 @@ const SEQUENCER_LOCK: i64 = 0x7365_7175_656e_6365;
 /// How many events one numbering transaction takes.
 const BATCH: i64 = 1000;
 
-/// How many events one announcement message carries at most (a few hundred KiB).
-const ANNOUNCEMENT_CHUNK: usize = 250;
+/// How many events one announcement message carries at most.
+pub const ANNOUNCEMENT_EVENTS: usize = 250;
+
+/// How many bytes of events one announcement message carries at most, so a message stays far
+/// below the broker's size limit and a backlog the relay reads at once stays small in memory.
+/// An event larger than this alone is not announced: its stream finds the gap in the sequence
+/// (or re-reads the table within seconds) and reads it from PostgreSQL.
+pub const ANNOUNCEMENT_BYTES: usize = 128 * 1024;
 
 /// Numbers and announces stored employee events.
 #[derive(Clone)]
@@ -116,12 +122,10 @@ impl Sequencer {
         }
         // A few messages per numbering batch, not one per event: the broker's and the
         // relay's cost is per message.
-        let mut outbox = Vec::new();
-        let mut announced = announced.into_iter().peekable();
-        while announced.peek().is_some() {
-            let chunk: Vec<Notification> = announced.by_ref().take(ANNOUNCEMENT_CHUNK).collect();
-            outbox.push(self.sink.notification_batch_message(chunk));
-        }
+        let outbox: Vec<_> = announcement_chunks(announced)
+            .into_iter()
+            .map(|chunk| self.sink.notification_batch_message(chunk))
+            .collect();
         let (counter_ids, counters): (Vec<String>, Vec<i64>) = next.into_iter().unzip();
         let sql = format!(
             "with counters as (
@@ -177,5 +181,81 @@ impl Sequencer {
             self.number_once(!shutdown.is_cancelled())
         })
         .await;
+    }
+}
+
+/// Splits numbered events' announcements into messages of at most [`ANNOUNCEMENT_EVENTS`]
+/// events and [`ANNOUNCEMENT_BYTES`] bytes of events, keeping their order.
+pub fn announcement_chunks(announced: Vec<Notification>) -> Vec<Vec<Notification>> {
+    let mut chunks: Vec<Vec<Notification>> = Vec::new();
+    let mut bytes = 0;
+    for notification in announced {
+        let size = notification.employee_event.len();
+        if size > ANNOUNCEMENT_BYTES {
+            continue;
+        }
+        match chunks.last_mut() {
+            Some(chunk)
+                if chunk.len() < ANNOUNCEMENT_EVENTS && bytes + size <= ANNOUNCEMENT_BYTES =>
+            {
+                bytes += size;
+                chunk.push(notification);
+            }
+            _ => {
+                bytes = size;
+                chunks.push(vec![notification]);
+            }
+        }
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announced(sequence: u64, bytes: usize) -> Notification {
+        Notification {
+            meta: None,
+            shop_id: "shop".into(),
+            employee_id: "e".into(),
+            sequence,
+            employee_event: vec![0; bytes],
+        }
+    }
+
+    fn sequences(chunks: &[Vec<Notification>]) -> Vec<Vec<u64>> {
+        chunks
+            .iter()
+            .map(|chunk| chunk.iter().map(|n| n.sequence).collect())
+            .collect()
+    }
+
+    #[test]
+    fn chunks_hold_at_most_250_events() {
+        let chunks = announcement_chunks((1..=501).map(|n| announced(n, 10)).collect());
+        let sizes: Vec<usize> = chunks.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [250, 250, 1]);
+        let flat: Vec<u64> = sequences(&chunks).concat();
+        assert_eq!(flat, (1..=501).collect::<Vec<u64>>(), "order kept");
+    }
+
+    #[test]
+    fn chunks_hold_at_most_128_kib_of_events_and_oversized_ones_are_left_out() {
+        let third = ANNOUNCEMENT_BYTES / 3;
+        let chunks = announcement_chunks(vec![
+            announced(1, third),
+            announced(2, third),
+            announced(3, third),
+            announced(4, third),
+            announced(5, ANNOUNCEMENT_BYTES + 1),
+            announced(6, ANNOUNCEMENT_BYTES),
+            announced(7, 1),
+        ]);
+        assert_eq!(
+            sequences(&chunks),
+            [vec![1, 2, 3], vec![4], vec![6], vec![7]]
+        );
+        assert!(announcement_chunks(Vec::new()).is_empty());
     }
 }

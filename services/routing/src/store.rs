@@ -25,8 +25,6 @@ pub enum StoreError {
     Outbox(#[from] shopctrl_amqp::OutboxError),
     #[error("stored employee event: {0}")]
     Event(String),
-    #[error("trace headers: {0}")]
-    Headers(#[from] serde_json::Error),
 }
 
 impl StoreError {
@@ -34,7 +32,7 @@ impl StoreError {
         match self {
             StoreError::Database(error) => is_transient(error),
             StoreError::Outbox(shopctrl_amqp::OutboxError::Database(error)) => is_transient(error),
-            StoreError::Outbox(_) | StoreError::Event(_) | StoreError::Headers(_) => false,
+            StoreError::Outbox(_) | StoreError::Event(_) => false,
         }
     }
 }

@@ -134,10 +134,11 @@ async fn events_are_numbered_consecutively_once_in_commit_order() {
         total * employees.len()
     );
     let mut announced: HashMap<(String, u64), usize> = HashMap::new();
+    // Across messages too: the outbox is relayed in its order.
+    let mut last: HashMap<String, u64> = HashMap::new();
     for payload in payloads {
         let batch = NotificationBatch::decode(payload.as_slice()).unwrap();
         assert!(!batch.notifications.is_empty() && batch.notifications.len() <= 250);
-        let mut last: HashMap<String, u64> = HashMap::new();
         for n in batch.notifications {
             let event = EmployeeEvent::decode(n.employee_event.as_slice()).unwrap();
             assert_eq!(n.sequence, event.sequence);
@@ -154,6 +155,64 @@ async fn events_are_numbered_consecutively_once_in_commit_order() {
     }
     assert_eq!(announced.len(), total * employees.len());
     assert!(announced.values().all(|&count| count == 1));
+}
+
+/// One numbering run of 600 events is announced in three messages of 250, 250 and 100, each
+/// employee's numbers rising from one message to the next.
+#[tokio::test]
+async fn a_numbering_run_is_announced_in_messages_of_at_most_250_events() {
+    let env = Env::prepare(shop(true, false), 1).await;
+    let sink = Sink {
+        names: env.names.clone(),
+    };
+    let mut tx = env.pool.begin().await.unwrap();
+    let mut pending = PendingEvents::default();
+    for n in 0..300 {
+        pending.push("e1", "shop-1", marker(1, n));
+        pending.push("e2", "shop-1", marker(2, n));
+    }
+    sink.store_pending(&mut tx, &mut pending).await.unwrap();
+    tx.commit().await.unwrap();
+    let numbered = Sequencer::new(env.pool.clone(), sink)
+        .number_once(true)
+        .await
+        .unwrap();
+    assert_eq!(numbered, 600);
+
+    let rows: Vec<(String, String, Vec<u8>)> =
+        sqlx::query_as("select routing_key, message_type, payload from outbox order by outbox_id")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    let sizes: Vec<usize> = rows
+        .iter()
+        .map(|(routing_key, message_type, payload)| {
+            assert_eq!(routing_key, "employees");
+            assert_eq!(message_type, "shopctrl.messaging.v1.NotificationBatch");
+            NotificationBatch::decode(payload.as_slice())
+                .unwrap()
+                .notifications
+                .len()
+        })
+        .collect();
+    assert_eq!(sizes, [250, 250, 100]);
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    for (_, _, payload) in &rows {
+        for n in NotificationBatch::decode(payload.as_slice())
+            .unwrap()
+            .notifications
+        {
+            let next = expected.entry(n.employee_id.clone()).or_insert(1);
+            assert_eq!(
+                n.sequence, *next,
+                "{}: consecutive across messages",
+                n.employee_id
+            );
+            *next += 1;
+        }
+    }
+    assert_eq!(expected["e1"], 301);
+    assert_eq!(expected["e2"], 301);
 }
 
 /// Operators see events waiting for the sequencer: a row no sequencer can decode (only
