@@ -52,6 +52,16 @@ impl Hub {
             .subscribe()
     }
 
+    /// Whether anyone here streams for `employee_id` (announcements for others are skipped
+    /// before they are decoded).
+    pub fn listens(&self, employee_id: &str) -> bool {
+        let senders = match self.senders.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        senders.contains_key(employee_id)
+    }
+
     pub fn deliver(&self, event: EmployeeEvent) {
         let mut senders = match self.senders.lock() {
             Ok(guard) => guard,
@@ -145,6 +155,9 @@ async fn listen(
             continue;
         };
         for notification in batch.notifications {
+            if !hub.listens(&notification.employee_id) {
+                continue;
+            }
             match EmployeeEvent::decode(notification.employee_event.as_slice()) {
                 Ok(event) => hub.deliver(event),
                 Err(error) => tracing::warn!(%error, "undecodable employee event ignored"),
@@ -270,5 +283,36 @@ async fn catch_up(
         if !full {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(employee_id: &str, sequence: u64) -> EmployeeEvent {
+        EmployeeEvent {
+            sequence,
+            employee_id: employee_id.to_owned(),
+            occurred_at: None,
+            event: None,
+        }
+    }
+
+    #[test]
+    fn the_hub_listens_only_for_employees_streaming_here() {
+        let hub = Hub::default();
+        assert!(!hub.listens("alice"));
+        let mut alice = hub.subscribe("alice");
+        assert!(hub.listens("alice"));
+        assert!(!hub.listens("bob"));
+        hub.deliver(event("alice", 1));
+        hub.deliver(event("bob", 1));
+        assert_eq!(alice.try_recv().map(|e| e.sequence).ok(), Some(1));
+        assert!(alice.try_recv().is_err(), "nothing of bob's");
+        // A stream that ended is forgotten on the next delivery.
+        drop(alice);
+        hub.deliver(event("alice", 2));
+        assert!(!hub.listens("alice"));
     }
 }
