@@ -239,6 +239,65 @@ async fn live_streams_are_fed_by_batched_announcements() {
     }
 }
 
+/// The other half of the live path: a real event is numbered, relayed and published on the
+/// notify exchange under `employees`, as a NotificationBatch carrying the stored event.
+#[tokio::test]
+async fn stored_events_are_announced_in_batches_on_the_notify_exchange() {
+    let env = Env::start(shop(true, false)).await;
+    let conn = lapin::Connection::connect(env.amqp.url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let queue = env.names.custom("test.announcements");
+    declare_queue(
+        &channel,
+        &QueueSpec::quorum(queue.clone()).bind(env.names.notify_exchange(), "employees"),
+    )
+    .await
+    .unwrap();
+    env.publish(&image("announced-conv", "announced-1").event())
+        .await;
+    let batch = eventually(20, "an announcement", || async {
+        let message = channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()?;
+        assert_eq!(
+            message
+                .delivery
+                .properties
+                .kind()
+                .as_ref()
+                .map(|k| k.as_str()),
+            Some("shopctrl.messaging.v1.NotificationBatch")
+        );
+        Some(NotificationBatch::decode(message.delivery.data.as_slice()).unwrap())
+    })
+    .await;
+    let alice: Vec<&Notification> = batch
+        .notifications
+        .iter()
+        .filter(|n| n.employee_id == "alice")
+        .collect();
+    assert_eq!(alice.len(), 1, "{batch:?}");
+    let event = EmployeeEvent::decode(alice[0].employee_event.as_slice()).unwrap();
+    assert_eq!((alice[0].sequence, event.sequence), (1, 1));
+    let stored: Vec<u8> = sqlx::query_scalar(
+        "select event from employee_events where employee_id = 'alice' and sequence = 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        alice[0].employee_event, stored,
+        "the stored event, as stored"
+    );
+    assert!(matches!(event.event, Some(Event::UnsupportedMessage(_))));
+}
+
 #[tokio::test]
 async fn replies_go_out_through_the_outbox_and_results_come_back() {
     let env = Env::start(shop(true, false)).await;
