@@ -47,6 +47,51 @@ fn image(conversation: &str, id: &str) -> Msg {
     m
 }
 
+/// A queue of the test's own on the test's broker prefix, bound to `exchange` with `key`:
+/// what routing publishes there, read with basic.get.
+struct TestQueue {
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    name: String,
+}
+
+impl TestQueue {
+    async fn bind(env: &Env, name: &str, exchange: String, key: &str) -> Self {
+        let connection =
+            lapin::Connection::connect(env.amqp.url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let name = env.names.custom(name);
+        declare_queue(
+            &channel,
+            &QueueSpec::quorum(name.clone()).bind(exchange, key),
+        )
+        .await
+        .unwrap();
+        Self {
+            connection,
+            channel,
+            name,
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.connection.close(200, "ok".into()).await;
+    }
+
+    /// The next message, if one is waiting.
+    async fn get(&self) -> Option<lapin::message::BasicGetMessage> {
+        self.channel
+            .basic_get(
+                self.name.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test]
 async fn unsupported_types_notify_the_shop_or_the_assignee() {
     let env = Env::start(shop(true, false)).await;
@@ -244,27 +289,17 @@ async fn live_streams_are_fed_by_batched_announcements() {
 #[tokio::test]
 async fn stored_events_are_announced_in_batches_on_the_notify_exchange() {
     let env = Env::start(shop(true, false)).await;
-    let conn = lapin::Connection::connect(env.amqp.url(), lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let queue = env.names.custom("test.announcements");
-    declare_queue(
-        &channel,
-        &QueueSpec::quorum(queue.clone()).bind(env.names.notify_exchange(), "employees"),
+    let queue = TestQueue::bind(
+        &env,
+        "test.announcements",
+        env.names.notify_exchange(),
+        "employees",
     )
-    .await
-    .unwrap();
+    .await;
     env.publish(&image("announced-conv", "announced-1").event())
         .await;
     let batch = eventually(20, "an announcement", || async {
-        let message = channel
-            .basic_get(
-                queue.as_str().into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()?;
+        let message = queue.get().await?;
         assert_eq!(
             message
                 .delivery
@@ -302,17 +337,13 @@ async fn stored_events_are_announced_in_batches_on_the_notify_exchange() {
 async fn replies_go_out_through_the_outbox_and_results_come_back() {
     let env = Env::start(shop(true, false)).await;
     // flow-callback's side of the outbound exchange, for this test.
-    let conn = lapin::Connection::connect(env.amqp.url(), lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let send_queue = env.names.custom("test.outbound.send");
-    declare_queue(
-        &channel,
-        &QueueSpec::quorum(send_queue.clone()).bind(env.names.outbound_exchange(), "send"),
+    let send_queue = TestQueue::bind(
+        &env,
+        "test.outbound.send",
+        env.names.outbound_exchange(),
+        "send",
     )
-    .await
-    .unwrap();
+    .await;
 
     let created = chrono::Utc::now() - chrono::Duration::hours(2);
     let mut m = Msg::received("reply-conv", "in-1", "can I change my address?");
@@ -382,13 +413,9 @@ async fn replies_go_out_through_the_outbox_and_results_come_back() {
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
 
     let send = eventually(20, "the outbound send", || async {
-        channel
-            .basic_get(
-                send_queue.as_str().into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
+        send_queue
+            .get()
             .await
-            .unwrap()
             .map(|m| OutboundSend::decode(m.delivery.data.as_slice()).unwrap())
     })
     .await;
@@ -479,5 +506,5 @@ async fn replies_go_out_through_the_outbox_and_results_come_back() {
     assert_eq!(status_name(messages[1].status), MessageStatus::Sent);
     assert_eq!(status_name(messages[2].status), MessageStatus::Failed);
     assert_eq!(messages[2].failure, "470: outside the window");
-    let _ = conn.close(200, "ok".into()).await;
+    send_queue.close().await;
 }
