@@ -263,6 +263,21 @@ async fn conversations_from_rows(
     Ok(conversations)
 }
 
+/// 1-based position of a waiting conversation in its shop's queue (oldest first; 0 when it is
+/// not waiting), counted in `conversations_queue` without visiting the other conversations.
+pub async fn queue_position(conn: &mut PgConnection, id: Uuid) -> Result<u32, sqlx::Error> {
+    let position: i64 = sqlx::query_scalar(
+        "select count(*) from conversations c, conversations w
+         where c.conversation_id = $1 and w.shop_id = c.shop_id
+           and w.state = 'waiting_for_employee'
+           and (w.waiting_since, w.conversation_id) <= (c.waiting_since, c.conversation_id)",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(u32::try_from(position).unwrap_or(u32::MAX))
+}
+
 /// A waiting conversation among those loaded.
 struct Waiting {
     index: usize,
@@ -280,20 +295,8 @@ async fn queue_positions(
     waiting: &[Waiting],
 ) -> Result<HashMap<Uuid, u32>, sqlx::Error> {
     if let [one] = waiting {
-        let position: i64 = sqlx::query_scalar(
-            "select count(*) from conversations w
-             where w.shop_id = $1 and w.state = 'waiting_for_employee'
-               and (w.waiting_since, w.conversation_id) <= ($2, $3)",
-        )
-        .bind(&one.shop_id)
-        .bind(one.since)
-        .bind(one.conversation_id)
-        .fetch_one(&mut *conn)
-        .await?;
-        return Ok(HashMap::from([(
-            one.conversation_id,
-            u32::try_from(position).unwrap_or(u32::MAX),
-        )]));
+        let position = queue_position(conn, one.conversation_id).await?;
+        return Ok(HashMap::from([(one.conversation_id, position)]));
     }
     let mut last: HashMap<&str, (DateTime<Utc>, Uuid)> = HashMap::new();
     for w in waiting {

@@ -1122,16 +1122,8 @@ impl SlotService {
 
     /// 1-based position in the shop's queue (oldest first).
     pub async fn queue_position(&self, id: Uuid) -> Result<u32, SlotError> {
-        let n: i64 = sqlx::query_scalar(
-            "select count(*) from conversations w, conversations c
-             where c.conversation_id = $1 and w.shop_id = c.shop_id
-               and w.state = 'waiting_for_employee'
-               and (w.waiting_since, w.conversation_id) <= (c.waiting_since, c.conversation_id)",
-        )
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n as u32)
+        let mut conn = self.pool.acquire().await?;
+        Ok(crate::store::queue_position(&mut conn, id).await?)
     }
 
     /// A flow's handover request for an existing conversation (unknown ones are created as
