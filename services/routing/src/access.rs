@@ -180,6 +180,11 @@ impl Directory {
         }
     }
 
+    /// How old the local copy of a shop's settings may be before it is fetched again.
+    pub fn refresh(&self) -> Duration {
+        self.refresh
+    }
+
     /// The shop's settings, fetched from the config service when missing or stale. A stale
     /// copy is used when the config service is unreachable; `None` means the shop is unknown.
     pub async fn shop(&self, shop_id: &str) -> Result<Option<ShopSettings>, AccessError> {
@@ -357,7 +362,7 @@ async fn lock_shop(conn: &mut PgConnection, shop_id: &str) -> Result<(), sqlx::E
     Ok(())
 }
 
-fn settings_from_row(row: &sqlx::postgres::PgRow) -> Result<ShopSettings, sqlx::Error> {
+pub(crate) fn settings_from_row(row: &sqlx::postgres::PgRow) -> Result<ShopSettings, sqlx::Error> {
     Ok(ShopSettings {
         shop_id: row.try_get("shop_id")?,
         enabled: row.try_get("enabled")?,

@@ -18,7 +18,7 @@ use sqlx::{PgConnection, Row, postgres::PgRow};
 use uuid::Uuid;
 
 use crate::{
-    access::{AccessError, Directory, ShopSettings},
+    access::{self, AccessError, Directory, ShopSettings},
     store::{self, PendingEvents, Sink, StoreError},
 };
 
@@ -257,6 +257,9 @@ struct LookupKey<'a> {
 ///   conversation there is a closed one.
 /// - the non-locking laterals are fenced (`offset 0`) so each stays one index lookup per key
 ///   instead of entering the join search (it halves the planning).
+///
+/// Each row also carries its shop's local settings and whether they are older than `$7`
+/// seconds, so a batch does not read them in a statement of its own.
 pub const LOOKUP: &str = "\
     select k.ord, e.message_id as e_message_id, e.status as e_status,
            e.conversation_id as e_conversation_id, e.state as e_state,
@@ -267,7 +270,9 @@ pub const LOOKUP: &str = "\
            case when k.received then o.assignee_employee_id
                 else coalesce(so.assignee_employee_id, la.assignee_employee_id) end as t_assignee,
            (k.received and o.conversation_id is null and la.conversation_id is not null)
-               as t_has_closed
+               as t_has_closed,
+           ss.shop_id, ss.enabled, ss.assign_on_first_message, ss.new_conversation_on_closed,
+           ss.conversation_slots, ss.version, ss.stale
     from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
          with ordinality as k(shop_id, mb_message_id, mb_conversation_id, msisdn,
                               contact_id, received, ord)
@@ -297,6 +302,11 @@ pub const LOOKUP: &str = "\
        where shop_id = k.shop_id and messagebird_conversation_id = k.mb_conversation_id
          and o.conversation_id is null and so.conversation_id is null
        order by created_at desc limit 1) la on true
+    left join lateral (
+       select shop_id, enabled, assign_on_first_message, new_conversation_on_closed,
+              conversation_slots, version,
+              refreshed_at < now() - make_interval(secs => $7) as stale
+       from shop_settings where shop_id = k.shop_id offset 0) ss on true
     order by k.ord";
 
 /// Reads, for each key, the stored copy of the message, the customer and, for a customer's
@@ -305,6 +315,7 @@ pub const LOOKUP: &str = "\
 async fn lookup(
     conn: &mut PgConnection,
     keys: &[LookupKey<'_>],
+    refresh: std::time::Duration,
 ) -> Result<Vec<PgRow>, sqlx::Error> {
     let mut shops = Vec::with_capacity(keys.len());
     let mut message_ids = Vec::with_capacity(keys.len());
@@ -327,8 +338,18 @@ async fn lookup(
         .bind(&msisdns)
         .bind(&contact_ids)
         .bind(&received)
+        .bind(refresh.as_secs_f64())
         .fetch_all(&mut *conn)
         .await
+}
+
+/// The shop's settings a lookup row carries, unless the local copy is missing or due for a
+/// refresh (then [`Directory::shop`] reads and refreshes them).
+fn fresh_settings(row: &PgRow) -> Result<Option<ShopSettings>, sqlx::Error> {
+    match row.try_get::<Option<bool>, _>("stale")? {
+        Some(false) => access::settings_from_row(row).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// The lookup key of a webhook's message, or None when it has none (the event then fails on
@@ -398,8 +419,13 @@ impl Ingestor {
         if keys.is_empty() {
             return Ok(());
         }
-        let rows = lookup(conn, &keys).await?;
+        let rows = lookup(conn, &keys, self.directory.refresh()).await?;
         for (key, row) in keys.iter().zip(rows) {
+            if !batch.shops.contains_key(key.shop_id)
+                && let Some(settings) = fresh_settings(&row)?
+            {
+                batch.shops.insert(key.shop_id.to_owned(), settings);
+            }
             batch
                 .lookups
                 .rows
@@ -553,6 +579,7 @@ impl Ingestor {
                     contact_id,
                     received,
                 }],
+                self.directory.refresh(),
             )
             .await?
             .into_iter()

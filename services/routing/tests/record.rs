@@ -838,7 +838,7 @@ async fn the_lookups_cached_plan_made_on_empty_tables_is_keyed_by_conversation()
         .await
         .unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "prepare lookup(text[], text[], text[], text[], text[], bool[]) as {}",
+        "prepare lookup(text[], text[], text[], text[], text[], bool[], float8) as {}",
         shopctrl_routing::ingest::LOOKUP
     )))
     .execute(&mut *conn)
@@ -846,7 +846,7 @@ async fn the_lookups_cached_plan_made_on_empty_tables_is_keyed_by_conversation()
     .unwrap();
     let plan: Vec<String> = sqlx::query_scalar(
         "explain execute lookup('{shop-1,shop-1}', '{m-1,m-2}', '{c-1,c-2}', \
-         '{31612345678,null}', '{null,null}', '{true,false}')",
+         '{31612345678,null}', '{null,null}', '{true,false}', 60)",
     )
     .fetch_all(&mut *conn)
     .await
@@ -962,5 +962,60 @@ async fn queue_positions_follow_the_waiting_order_in_lists_and_single_reads() {
             (queue[2].conversation_id.clone(), 2),
             (queue[3].conversation_id.clone(), 3),
         ]
+    );
+}
+
+/// A batch takes its shop's settings from the local copy its lookup reads, as long as that
+/// copy is fresh; once it is older than the refresh interval, the settings are fetched again
+/// from the config service (here with no config event announcing the change).
+#[tokio::test]
+async fn inbound_events_use_the_local_shop_settings_until_they_are_due_for_a_refresh() {
+    let env = Env::start(shop(true, false)).await;
+    let state_of = |mb_conversation: &'static str| {
+        let env = &env;
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "select state from conversations where messagebird_conversation_id = $1",
+            )
+            .bind(mb_conversation)
+            .fetch_optional(&env.pool)
+            .await
+            .unwrap()
+        }
+    };
+    env.publish(&Msg::received("mbconv-s1", "s-1", "first").event())
+        .await;
+    let first = eventually(20, "the first conversation", || state_of("mbconv-s1")).await;
+    assert_ne!(
+        first, "waiting_for_handover",
+        "assign on first message is on"
+    );
+
+    // The config service now says the shop waits for the flow's handover; no event says so.
+    env.config.put(shop(false, false));
+    env.publish(&Msg::received("mbconv-s2", "s-2", "second").event())
+        .await;
+    let second = eventually(20, "the second conversation", || state_of("mbconv-s2")).await;
+    assert_ne!(
+        second, "waiting_for_handover",
+        "a fresh local copy is used as it is"
+    );
+
+    sqlx::query("update shop_settings set refreshed_at = now() - interval '1 day'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    env.publish(&Msg::received("mbconv-s3", "s-3", "third").event())
+        .await;
+    let third = eventually(20, "the third conversation", || state_of("mbconv-s3")).await;
+    assert_eq!(
+        third, "waiting_for_handover",
+        "a stale local copy is fetched again"
+    );
+    assert_eq!(
+        env.count("select count(*) from shop_settings where not assign_on_first_message")
+            .await,
+        1,
+        "the fetched settings replace the local copy"
     );
 }
