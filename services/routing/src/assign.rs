@@ -48,18 +48,31 @@ pub struct Assigned {
     pub over_limit: bool,
 }
 
+/// A conversation an inbound event found waiting for an employee.
+#[derive(Debug, Clone)]
+pub struct WaitingConversation {
+    pub conversation_id: Uuid,
+    pub shop_id: String,
+    /// It was waiting before the event (a customer's further message, or a redelivery), as
+    /// opposed to created or reopened by it: asking again is a repair, nearly always refused.
+    pub repeat: bool,
+    /// The span of the event that asked, so the claim joins that event's trace.
+    pub span: tracing::Span,
+}
+
 /// What routing asks of the assignment logic. Every method but
 /// [`Assigner::claim_in_batch`] is called after the caller's transaction committed, and all
 /// must be idempotent: a redelivered event calls them again.
 pub trait Assigner: Send + Sync + 'static {
-    /// Customer messages created or reopened these conversations, or they are still waiting
-    /// for an employee when their events are redelivered (so a crash between commit and this
-    /// call is repaired by the redelivery). Each comes with the span of the event that asked,
-    /// so its claim joins that event's trace. An `Unavailable` error means the caller retries
-    /// them all (claims are idempotent).
+    /// Customer messages created or reopened these conversations, or wrote to them while
+    /// they wait, or they are still waiting when their events are redelivered (so a crash
+    /// between commit and this call is repaired by the redelivery). An implementation may
+    /// skip the repeats of a shop where nobody had room a moment ago (capacity that appears
+    /// is drained by [`Assigner::capacity_changed`] and the periodic sweep). An `Unavailable`
+    /// error means the caller retries them all (claims are idempotent).
     fn conversations_waiting(
         &self,
-        waiting: Vec<(Uuid, tracing::Span)>,
+        waiting: Vec<WaitingConversation>,
     ) -> BoxFuture<'_, Result<(), AssignError>>;
     /// Optionally claims for waiting conversations inside the caller's batch transaction,
     /// before its commit, so the assignments commit with the messages that made the
@@ -121,10 +134,13 @@ impl QueueOnly {
 impl Assigner for QueueOnly {
     fn conversations_waiting(
         &self,
-        waiting: Vec<(Uuid, tracing::Span)>,
+        waiting: Vec<WaitingConversation>,
     ) -> BoxFuture<'_, Result<(), AssignError>> {
         Box::pin(async move {
-            for (conversation_id, _) in waiting {
+            for WaitingConversation {
+                conversation_id, ..
+            } in waiting
+            {
                 let Some(shop_id) = sqlx::query_scalar::<_, String>(
                     "select shop_id from conversations
                      where conversation_id = $1 and state = 'waiting_for_employee'",

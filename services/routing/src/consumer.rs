@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    assign::{AssignError, Assigner},
+    assign::{AssignError, Assigner, WaitingConversation},
     ingest::{BatchState, FollowUps, Inbound, IngestError, Ingestor},
     metrics::Metrics,
     store,
@@ -498,7 +498,12 @@ async fn run_follow_ups(
     for (follow_ups, span) in follow_ups {
         for conversation_id in follow_ups.waiting {
             if seen.insert(conversation_id) {
-                waiting.push((conversation_id, span.clone()));
+                waiting.push(WaitingConversation {
+                    conversation_id,
+                    shop_id: follow_ups.shop_id.clone(),
+                    repeat: !follow_ups.started.contains(&conversation_id),
+                    span: span.clone(),
+                });
             }
         }
         for handover in follow_ups.handovers {

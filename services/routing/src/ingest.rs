@@ -95,7 +95,9 @@ impl From<AccessError> for IngestError {
 /// What must happen after the transaction committed.
 #[derive(Debug, Default, Clone)]
 pub struct FollowUps {
-    /// Conversations that wait for an employee (assigner.conversation_waiting).
+    /// The event's shop.
+    pub shop_id: String,
+    /// Conversations that wait for an employee (assigner.conversations_waiting).
     pub waiting: Vec<Uuid>,
     /// Of those, the ones this event started (created or reopened): the batch claims for
     /// them before its commit. The others are asked again after it, as a repair.
@@ -527,7 +529,10 @@ impl Ingestor {
         let created_at = store::from_timestamp(message.created_at.as_ref())
             .or_else(|| store::from_timestamp(event.received_at.as_ref()))
             .unwrap_or_else(Utc::now);
-        let mut follow_ups = FollowUps::default();
+        let mut follow_ups = FollowUps {
+            shop_id: shop.shop_id.clone(),
+            ..FollowUps::default()
+        };
 
         let received = direction == Direction::Received;
         let contact = event.contact.clone().unwrap_or_default();

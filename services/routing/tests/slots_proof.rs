@@ -995,6 +995,103 @@ async fn an_abandoned_claim_frees_its_slot_for_the_queue_at_the_next_sweep() {
     check_log(&h.pool).await.unwrap();
 }
 
+/// A customer's further message to a waiting conversation asks for an employee again (a
+/// repair), unless every claim of the shop was just refused: then the repeats of that shop
+/// are skipped for a moment, while a conversation a message starts is always claimed for,
+/// and a reported capacity change ends the pause (and drains the queue itself).
+#[tokio::test]
+async fn repeats_in_a_shop_that_just_refused_everyone_wait_for_the_pause_or_a_capacity_change() {
+    use shopctrl_routing::assign::{Assigner, WaitingConversation};
+    use shopctrl_routing::slots::{ReleaseMode, SlotAssigner};
+
+    let h = harness(Duration::from_secs(30)).await;
+    sqlx::query(
+        "insert into shop_settings (shop_id, enabled, assign_on_first_message,
+           new_conversation_on_closed, conversation_slots, version)
+         values ('sh', true, true, false, 1, 1)",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "insert into shop_members (shop_id, employee_id, role, chat_permission, display_name)
+         values ('sh', 'ann', 1, true, 'Ann')",
+    )
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    let asking = |id: Uuid, repeat: bool| {
+        vec![WaitingConversation {
+            conversation_id: id,
+            shop_id: "sh".into(),
+            repeat,
+            span: tracing::Span::none(),
+        }]
+    };
+    // Longer than this test: what ends the pause here is never the clock.
+    let seam = SlotAssigner::new(h.svc.clone()).with_repeat_pause(Duration::from_secs(3600));
+    let customer = new_customer(&h.pool, "sh").await;
+    let first = new_conversation(&h.pool, "sh", customer, 1, "waiting_for_employee").await;
+    let second = new_conversation(&h.pool, "sh", customer, 2, "waiting_for_employee").await;
+    let third = new_conversation(&h.pool, "sh", customer, 3, "waiting_for_employee").await;
+    seam.conversations_waiting(asking(first, false))
+        .await
+        .unwrap();
+    assert_eq!(record(&h.pool, first).await.1.as_deref(), Some("ann"));
+    // Ann is full: the repeat is refused, and the shop pauses its repeats.
+    seam.conversations_waiting(asking(second, true))
+        .await
+        .unwrap();
+    assert_eq!(record(&h.pool, second).await.0, "waiting_for_employee");
+
+    // Her slot frees with no event to say so (as when an abandoned claim expires).
+    close_in_record(&h.pool, first).await;
+    h.svc
+        .engine()
+        .release(&first.to_string(), None, ReleaseMode::Close)
+        .await
+        .unwrap();
+    seam.conversations_waiting(asking(second, true))
+        .await
+        .unwrap();
+    assert_eq!(
+        record(&h.pool, second).await.0,
+        "waiting_for_employee",
+        "a repeat in a paused shop is skipped"
+    );
+    // A conversation a message starts is claimed for in any case.
+    seam.conversations_waiting(asking(third, false))
+        .await
+        .unwrap();
+    assert_eq!(record(&h.pool, third).await.1.as_deref(), Some("ann"));
+
+    // Ann's conversation closes and the change is reported: the queue drains at once, pause
+    // or not.
+    close_in_record(&h.pool, third).await;
+    seam.capacity_changed("sh", Some("ann")).await.unwrap();
+    assert_eq!(record(&h.pool, second).await.1.as_deref(), Some("ann"));
+
+    // Without a pause every repeat asks again.
+    let eager = SlotAssigner::new(h.svc.clone()).with_repeat_pause(Duration::ZERO);
+    let fourth = new_conversation(&h.pool, "sh", customer, 4, "waiting_for_employee").await;
+    eager
+        .conversations_waiting(asking(fourth, true))
+        .await
+        .unwrap();
+    assert_eq!(record(&h.pool, fourth).await.0, "waiting_for_employee");
+    close_in_record(&h.pool, second).await;
+    h.svc
+        .engine()
+        .release(&second.to_string(), None, ReleaseMode::Close)
+        .await
+        .unwrap();
+    eager
+        .conversations_waiting(asking(fourth, true))
+        .await
+        .unwrap();
+    assert_eq!(record(&h.pool, fourth).await.1.as_deref(), Some("ann"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Concurrency, with a Redis loss in the middle
 

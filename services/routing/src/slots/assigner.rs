@@ -5,13 +5,28 @@
 //! shop is synced whenever its settings version or fetch time moved since the last sync, and
 //! on every capacity change or withdrawal the seam reports.
 
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
 use futures::future::BoxFuture;
 use shopctrl_proto::v1::{HandoverRequest, Presence};
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::{Assignment, ClaimKind, SlotError, SlotService};
-use crate::assign::{AssignError, Assigned, Assigner, BatchSettle};
+use crate::assign::{AssignError, Assigned, Assigner, BatchSettle, WaitingConversation};
+
+/// How long a shop where every claim of a round was refused is not asked again for
+/// conversations that were already waiting. Those repeats (one per customer message) are a
+/// repair and nearly always refused; capacity that appears meanwhile is drained by
+/// `capacity_changed` or by the periodic sweep, and a repeat after this pause asks again.
+const REPEAT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Beyond this many shops remembered, the expired ones are forgotten.
+const PAUSED_SHOPS_PRUNE: usize = 1024;
 
 impl From<SlotError> for AssignError {
     fn from(error: SlotError) -> Self {
@@ -41,11 +56,49 @@ pub struct SlotAssigner {
     svc: SlotService,
     /// Stops background work (the drift check) when the assigner goes away.
     _stop: Option<tokio_util::sync::DropGuard>,
+    /// Shops where this replica's last round of claims was refused throughout, and until
+    /// when their repeats are skipped.
+    paused: Mutex<HashMap<String, Instant>>,
+    repeat_pause: Duration,
 }
 
 impl SlotAssigner {
     pub fn new(svc: SlotService) -> Self {
-        Self { svc, _stop: None }
+        Self {
+            svc,
+            _stop: None,
+            paused: Mutex::new(HashMap::new()),
+            repeat_pause: REPEAT_PAUSE,
+        }
+    }
+
+    /// Another pause for repeats than [`REPEAT_PAUSE`] (tests: zero, or longer than the test).
+    pub fn with_repeat_pause(mut self, pause: Duration) -> Self {
+        self.repeat_pause = pause;
+        self
+    }
+
+    fn paused(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        // The map is only ever left consistent; a panic elsewhere does not spoil it.
+        self.paused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Remembers which shops refused every claim of a round (`true`) and forgets the others.
+    fn note_rounds(&self, refused_throughout: HashMap<String, bool>) {
+        let now = Instant::now();
+        let mut paused = self.paused();
+        for (shop, refused) in refused_throughout {
+            if refused {
+                paused.insert(shop, now + self.repeat_pause);
+            } else {
+                paused.remove(&shop);
+            }
+        }
+        if paused.len() > PAUSED_SHOPS_PRUNE {
+            paused.retain(|_, until| *until > now);
+        }
     }
 
     /// Cancels `stop` when this assigner is dropped.
@@ -230,12 +283,25 @@ impl SlotAssigner {
 impl Assigner for SlotAssigner {
     fn conversations_waiting(
         &self,
-        waiting: Vec<(Uuid, tracing::Span)>,
+        waiting: Vec<WaitingConversation>,
     ) -> BoxFuture<'_, Result<(), AssignError>> {
         Box::pin(async move {
+            let now = Instant::now();
+            let waiting: Vec<WaitingConversation> = {
+                let paused = self.paused();
+                waiting
+                    .into_iter()
+                    .filter(|w| {
+                        !w.repeat || paused.get(&w.shop_id).is_none_or(|until| *until <= now)
+                    })
+                    .collect()
+            };
+            if waiting.is_empty() {
+                return Ok(());
+            }
             // One read for all of them (this runs for every customer message of a waiting
             // conversation), with whether each shop's slot copy is behind its settings.
-            let ids: Vec<Uuid> = waiting.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<Uuid> = waiting.iter().map(|w| w.conversation_id).collect();
             let loaded = self.svc.load_waiting(&ids).await?;
             let mut behind: Vec<String> = loaded
                 .iter()
@@ -254,8 +320,10 @@ impl Assigner for SlotAssigner {
                     failed.push(shop);
                 }
             }
-            let mut spans: std::collections::HashMap<Uuid, tracing::Span> =
-                waiting.into_iter().collect();
+            let mut spans: HashMap<Uuid, tracing::Span> = waiting
+                .into_iter()
+                .map(|w| (w.conversation_id, w.span))
+                .collect();
             let mut shops = std::collections::HashMap::new();
             let claims = loaded
                 .into_iter()
@@ -276,7 +344,10 @@ impl Assigner for SlotAssigner {
                 .collect();
             // Each shop's waiting reason once for the batch: the last refusal's.
             let mut reasons = std::collections::BTreeMap::new();
+            let mut refused_throughout: HashMap<String, bool> = HashMap::new();
             for (shop, result) in results {
+                let refused = matches!(result, Ok(Assignment::Waiting { .. }));
+                *refused_throughout.entry(shop.clone()).or_insert(true) &= refused;
                 match result {
                     Ok(Assignment::Waiting { reason }) => {
                         reasons.insert(shop, reason);
@@ -292,8 +363,10 @@ impl Assigner for SlotAssigner {
             for (shop, reason) in reasons {
                 if let Err(error) = self.svc.set_reason(&shop, reason).await {
                     unavailable = Some(error.into());
+                    refused_throughout.insert(shop, false);
                 }
             }
+            self.note_rounds(refused_throughout);
             unavailable.map_or(Ok(()), Err)
         })
     }
@@ -324,6 +397,7 @@ impl Assigner for SlotAssigner {
         employee_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), AssignError>> {
         Box::pin(async move {
+            self.paused().remove(shop_id);
             self.sync_shop(shop_id, true).await?;
             if let Some(employee) = employee_id {
                 self.sync_presence(employee).await?;
