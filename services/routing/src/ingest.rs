@@ -775,7 +775,8 @@ impl Ingestor {
         }
         // Every customer message of a waiting conversation asks again (the claim is idempotent
         // and answers at once when nobody has room): it heals a claim that a fault cut short,
-        // e.g. a pending claim rolled back after this conversation was refused.
+        // e.g. a pending claim rolled back after this conversation was refused. The assigner
+        // may skip such repeats for a moment after the shop refused everyone.
         if target.state == "waiting_for_employee" {
             follow_ups.waiting.push(target.conversation_id);
             if started {

@@ -1059,6 +1059,7 @@ async fn repeats_in_a_shop_that_just_refused_everyone_wait_for_the_pause_or_a_ca
         "waiting_for_employee",
         "a repeat in a paused shop is skipped"
     );
+    assert_eq!(h.metrics.repeats_skipped.get(), 1);
     // A conversation a message starts is claimed for in any case.
     seam.conversations_waiting(asking(third, false))
         .await

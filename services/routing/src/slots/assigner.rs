@@ -287,6 +287,7 @@ impl Assigner for SlotAssigner {
     ) -> BoxFuture<'_, Result<(), AssignError>> {
         Box::pin(async move {
             let now = Instant::now();
+            let asked = waiting.len();
             let waiting: Vec<WaitingConversation> = {
                 let paused = self.paused();
                 waiting
@@ -296,6 +297,10 @@ impl Assigner for SlotAssigner {
                     })
                     .collect()
             };
+            self.svc
+                .metrics()
+                .repeats_skipped
+                .inc_by((asked - waiting.len()) as u64);
             if waiting.is_empty() {
                 return Ok(());
             }

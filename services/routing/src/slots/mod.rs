@@ -124,6 +124,9 @@ pub struct SlotMetrics {
     /// Waiting conversations assigned by the periodic sweep, not by an event: capacity that
     /// appeared silently (an abandoned claim expired, a repair).
     pub swept: Counter,
+    /// Repeated claims of waiting conversations skipped because their shop had just refused
+    /// every claim (see `SlotAssigner`).
+    pub repeats_skipped: Counter,
 }
 
 impl SlotMetrics {
@@ -147,6 +150,11 @@ impl SlotMetrics {
             "routing_swept_assignments",
             "Waiting conversations assigned by the periodic sweep rather than by an event",
             self.swept.clone(),
+        );
+        registry.register(
+            "routing_claim_repeats_skipped",
+            "Repeated claims of waiting conversations skipped while their shop refused everyone",
+            self.repeats_skipped.clone(),
         );
     }
 }

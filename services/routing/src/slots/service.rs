@@ -197,6 +197,10 @@ impl SlotService {
         &self.engine
     }
 
+    pub fn metrics(&self) -> &SlotMetrics {
+        &self.metrics
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
