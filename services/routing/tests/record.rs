@@ -971,21 +971,25 @@ async fn queue_positions_follow_the_waiting_order_in_lists_and_single_reads() {
 #[tokio::test]
 async fn inbound_events_use_the_local_shop_settings_until_they_are_due_for_a_refresh() {
     let env = Env::start(shop(true, false)).await;
-    let state_of = |mb_conversation: &'static str| {
+    // The state of the conversation a customer's message starts.
+    let start = |mb_conversation: &'static str, mb_message: &'static str| {
         let env = &env;
         async move {
-            sqlx::query_scalar::<_, String>(
-                "select state from conversations where messagebird_conversation_id = $1",
-            )
-            .bind(mb_conversation)
-            .fetch_optional(&env.pool)
+            env.publish(&Msg::received(mb_conversation, mb_message, "hello").event())
+                .await;
+            eventually(20, "the conversation", || async {
+                sqlx::query_scalar::<_, String>(
+                    "select state from conversations where messagebird_conversation_id = $1",
+                )
+                .bind(mb_conversation)
+                .fetch_optional(&env.pool)
+                .await
+                .unwrap()
+            })
             .await
-            .unwrap()
         }
     };
-    env.publish(&Msg::received("mbconv-s1", "s-1", "first").event())
-        .await;
-    let first = eventually(20, "the first conversation", || state_of("mbconv-s1")).await;
+    let first = start("mbconv-s1", "s-1").await;
     assert_ne!(
         first, "waiting_for_handover",
         "assign on first message is on"
@@ -993,9 +997,7 @@ async fn inbound_events_use_the_local_shop_settings_until_they_are_due_for_a_ref
 
     // The config service now says the shop waits for the flow's handover; no event says so.
     env.config.put(shop(false, false));
-    env.publish(&Msg::received("mbconv-s2", "s-2", "second").event())
-        .await;
-    let second = eventually(20, "the second conversation", || state_of("mbconv-s2")).await;
+    let second = start("mbconv-s2", "s-2").await;
     assert_ne!(
         second, "waiting_for_handover",
         "a fresh local copy is used as it is"
@@ -1005,9 +1007,7 @@ async fn inbound_events_use_the_local_shop_settings_until_they_are_due_for_a_ref
         .execute(&env.pool)
         .await
         .unwrap();
-    env.publish(&Msg::received("mbconv-s3", "s-3", "third").event())
-        .await;
-    let third = eventually(20, "the third conversation", || state_of("mbconv-s3")).await;
+    let third = start("mbconv-s3", "s-3").await;
     assert_eq!(
         third, "waiting_for_handover",
         "a stale local copy is fetched again"

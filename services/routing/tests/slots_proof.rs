@@ -1028,6 +1028,18 @@ async fn repeats_in_a_shop_that_just_refused_everyone_wait_for_the_pause_or_a_ca
             span: tracing::Span::none(),
         }]
     };
+    // Closed in the record and given back in Redis, with no capacity change reported.
+    let free_silently = |id: Uuid| {
+        let h = &h;
+        async move {
+            close_in_record(&h.pool, id).await;
+            h.svc
+                .engine()
+                .release(&id.to_string(), None, ReleaseMode::Close)
+                .await
+                .unwrap();
+        }
+    };
     // Longer than this test: what ends the pause here is never the clock.
     let seam = SlotAssigner::new(h.svc.clone()).with_repeat_pause(Duration::from_secs(3600));
     let customer = new_customer(&h.pool, "sh").await;
@@ -1045,12 +1057,7 @@ async fn repeats_in_a_shop_that_just_refused_everyone_wait_for_the_pause_or_a_ca
     assert_eq!(record(&h.pool, second).await.0, "waiting_for_employee");
 
     // Her slot frees with no event to say so (as when an abandoned claim expires).
-    close_in_record(&h.pool, first).await;
-    h.svc
-        .engine()
-        .release(&first.to_string(), None, ReleaseMode::Close)
-        .await
-        .unwrap();
+    free_silently(first).await;
     seam.conversations_waiting(asking(second, true))
         .await
         .unwrap();
@@ -1080,12 +1087,7 @@ async fn repeats_in_a_shop_that_just_refused_everyone_wait_for_the_pause_or_a_ca
         .await
         .unwrap();
     assert_eq!(record(&h.pool, fourth).await.0, "waiting_for_employee");
-    close_in_record(&h.pool, second).await;
-    h.svc
-        .engine()
-        .release(&second.to_string(), None, ReleaseMode::Close)
-        .await
-        .unwrap();
+    free_silently(second).await;
     eager
         .conversations_waiting(asking(fourth, true))
         .await
