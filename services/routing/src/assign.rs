@@ -53,8 +53,9 @@ pub struct Assigned {
 pub struct WaitingConversation {
     pub conversation_id: Uuid,
     pub shop_id: String,
-    /// It was waiting before the event (a customer's further message, or a redelivery), as
-    /// opposed to created or reopened by it: asking again is a repair, nearly always refused.
+    /// It was waiting before the event (a customer's further message), as opposed to created
+    /// or reopened by it, or found by a redelivered event (which may have started it before a
+    /// crash): asking again is a repair, nearly always refused.
     pub repeat: bool,
     /// The span of the event that asked, so the claim joins that event's trace.
     pub span: tracing::Span,

@@ -290,8 +290,9 @@ async fn process_batch(
     let mut applied = 0u64;
     for ((delivery, verdict), span) in batch.iter().zip(verdicts).zip(&spans) {
         match verdict {
-            Verdict::Applied(f) => {
+            Verdict::Applied(mut f) => {
                 applied += 1;
+                f.redelivered = delivery.redelivered;
                 follow_ups.push((f, span.clone()));
             }
             Verdict::Dead(reason) => {
@@ -501,7 +502,8 @@ async fn run_follow_ups(
                 waiting.push(WaitingConversation {
                     conversation_id,
                     shop_id: follow_ups.shop_id.clone(),
-                    repeat: !follow_ups.started.contains(&conversation_id),
+                    repeat: !follow_ups.redelivered
+                        && !follow_ups.started.contains(&conversation_id),
                     span: span.clone(),
                 });
             }

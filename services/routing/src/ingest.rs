@@ -102,6 +102,10 @@ pub struct FollowUps {
     /// Of those, the ones this event started (created or reopened): the batch claims for
     /// them before its commit. The others are asked again after it, as a repair.
     pub started: Vec<Uuid>,
+    /// The event was delivered before (set by the consumer): what it finds waiting may be
+    /// what it started the first time, before a crash kept its claim from being made, so
+    /// none of it counts as a mere repeat.
+    pub redelivered: bool,
     pub handovers: Vec<HandoverRequest>,
 }
 

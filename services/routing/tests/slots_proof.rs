@@ -998,7 +998,7 @@ async fn an_abandoned_claim_frees_its_slot_for_the_queue_at_the_next_sweep() {
 /// A customer's further message to a waiting conversation asks for an employee again (a
 /// repair), unless every claim of the shop was just refused: then the repeats of that shop
 /// are skipped for a moment, while a conversation a message starts is always claimed for,
-/// and a reported capacity change ends the pause (and drains the queue itself).
+/// and a reported capacity change ends the pause.
 #[tokio::test]
 async fn repeats_in_a_shop_that_just_refused_everyone_wait_for_the_pause_or_a_capacity_change() {
     use shopctrl_routing::assign::{Assigner, WaitingConversation};
@@ -1043,9 +1043,13 @@ async fn repeats_in_a_shop_that_just_refused_everyone_wait_for_the_pause_or_a_ca
     // Longer than this test: what ends the pause here is never the clock.
     let seam = SlotAssigner::new(h.svc.clone()).with_repeat_pause(Duration::from_secs(3600));
     let customer = new_customer(&h.pool, "sh").await;
-    let first = new_conversation(&h.pool, "sh", customer, 1, "waiting_for_employee").await;
-    let second = new_conversation(&h.pool, "sh", customer, 2, "waiting_for_employee").await;
-    let third = new_conversation(&h.pool, "sh", customer, 3, "waiting_for_employee").await;
+    let mut waiting = Vec::new();
+    for seq in 1..=5 {
+        waiting.push(new_conversation(&h.pool, "sh", customer, seq, "waiting_for_employee").await);
+    }
+    let [first, second, third, fourth, fifth] = waiting[..] else {
+        unreachable!("five conversations")
+    };
     seam.conversations_waiting(asking(first, false))
         .await
         .unwrap();
@@ -1055,44 +1059,53 @@ async fn repeats_in_a_shop_that_just_refused_everyone_wait_for_the_pause_or_a_ca
         .await
         .unwrap();
     assert_eq!(record(&h.pool, second).await.0, "waiting_for_employee");
-
-    // Her slot frees with no event to say so (as when an abandoned claim expires).
+    // A capacity change is reported while she is still full: the drain finds no room, and
+    // the pause is over.
+    seam.capacity_changed("sh", None).await.unwrap();
+    assert_eq!(record(&h.pool, second).await.0, "waiting_for_employee");
+    // Her slot frees with no event to say so (as when an abandoned claim expires): the
+    // repeat asks again and gets her.
     free_silently(first).await;
     seam.conversations_waiting(asking(second, true))
         .await
         .unwrap();
+    assert_eq!(record(&h.pool, second).await.1.as_deref(), Some("ann"));
+
+    // Full again: a repeat is refused and pauses the shop; her slot frees silently, and the
+    // next repeat is skipped.
+    seam.conversations_waiting(asking(third, true))
+        .await
+        .unwrap();
+    free_silently(second).await;
+    seam.conversations_waiting(asking(third, true))
+        .await
+        .unwrap();
     assert_eq!(
-        record(&h.pool, second).await.0,
+        record(&h.pool, third).await.0,
         "waiting_for_employee",
         "a repeat in a paused shop is skipped"
     );
     assert_eq!(h.metrics.repeats_skipped.get(), 1);
-    // A conversation a message starts is claimed for in any case.
-    seam.conversations_waiting(asking(third, false))
-        .await
-        .unwrap();
-    assert_eq!(record(&h.pool, third).await.1.as_deref(), Some("ann"));
-
-    // Ann's conversation closes and the change is reported: the queue drains at once, pause
-    // or not.
-    close_in_record(&h.pool, third).await;
-    seam.capacity_changed("sh", Some("ann")).await.unwrap();
-    assert_eq!(record(&h.pool, second).await.1.as_deref(), Some("ann"));
-
-    // Without a pause every repeat asks again.
-    let eager = SlotAssigner::new(h.svc.clone()).with_repeat_pause(Duration::ZERO);
-    let fourth = new_conversation(&h.pool, "sh", customer, 4, "waiting_for_employee").await;
-    eager
-        .conversations_waiting(asking(fourth, true))
-        .await
-        .unwrap();
-    assert_eq!(record(&h.pool, fourth).await.0, "waiting_for_employee");
-    free_silently(second).await;
-    eager
-        .conversations_waiting(asking(fourth, true))
+    // A conversation a message starts, or one a redelivery finds waiting, is claimed for in
+    // any case.
+    seam.conversations_waiting(asking(fourth, false))
         .await
         .unwrap();
     assert_eq!(record(&h.pool, fourth).await.1.as_deref(), Some("ann"));
+
+    // Without a pause every repeat asks again.
+    let eager = SlotAssigner::new(h.svc.clone()).with_repeat_pause(Duration::ZERO);
+    eager
+        .conversations_waiting(asking(fifth, true))
+        .await
+        .unwrap();
+    assert_eq!(record(&h.pool, fifth).await.0, "waiting_for_employee");
+    free_silently(fourth).await;
+    eager
+        .conversations_waiting(asking(fifth, true))
+        .await
+        .unwrap();
+    assert_eq!(record(&h.pool, fifth).await.1.as_deref(), Some("ann"));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -86,12 +86,17 @@ impl SlotAssigner {
     }
 
     /// Remembers which shops refused every claim of a round (`true`) and forgets the others.
+    /// A pause that is still running is not extended, so a full shop's repeats are asked
+    /// again at least once per pause, however many other claims it keeps refusing.
     fn note_rounds(&self, refused_throughout: HashMap<String, bool>) {
         let now = Instant::now();
         let mut paused = self.paused();
         for (shop, refused) in refused_throughout {
             if refused {
-                paused.insert(shop, now + self.repeat_pause);
+                let until = paused.entry(shop).or_insert(now);
+                if *until <= now {
+                    *until = now + self.repeat_pause;
+                }
             } else {
                 paused.remove(&shop);
             }
@@ -297,11 +302,11 @@ impl Assigner for SlotAssigner {
                     })
                     .collect()
             };
-            self.svc
-                .metrics()
-                .repeats_skipped
-                .inc_by((asked - waiting.len()) as u64);
+            // Counted once the round is answered: a round the caller retries (the assigner
+            // unavailable) counts its skips with the attempt that goes through.
+            let skipped = (asked - waiting.len()) as u64;
             if waiting.is_empty() {
+                self.svc.metrics().repeats_skipped.inc_by(skipped);
                 return Ok(());
             }
             // One read for all of them (this runs for every customer message of a waiting
@@ -372,6 +377,9 @@ impl Assigner for SlotAssigner {
                 }
             }
             self.note_rounds(refused_throughout);
+            if unavailable.is_none() {
+                self.svc.metrics().repeats_skipped.inc_by(skipped);
+            }
             unavailable.map_or(Ok(()), Err)
         })
     }
