@@ -334,7 +334,7 @@ impl Assigner for SlotAssigner {
                 .into_iter()
                 .map(|w| (w.conversation_id, w.span))
                 .collect();
-            let mut shops = std::collections::HashMap::new();
+            let mut shops = HashMap::new();
             let claims = loaded
                 .into_iter()
                 .filter(|(conv, _)| !failed.contains(&conv.shop_id))
