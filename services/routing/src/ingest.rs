@@ -14,7 +14,10 @@ use shopctrl_proto::v1::{
     Direction, HandoverRequest, InboundContact, InboundMessage, InboundWebhookEvent, Message,
     MessageStatus, NewMessageEvent, UnsupportedMessageEvent, employee_event,
 };
-use sqlx::{PgConnection, Row, postgres::PgRow};
+use sqlx::{
+    Arguments as _, PgConnection, Postgres, Row,
+    postgres::{PgArguments, PgRow},
+};
 use uuid::Uuid;
 
 use crate::{
@@ -152,6 +155,11 @@ struct Deferred {
     /// Conversations created by this batch, for bot messages stored before it:
     /// (shop, MessageBird conversation id, conversation id).
     attach: Vec<(String, String, Uuid)>,
+    /// Conversations this batch starts, by (shop, MessageBird conversation id): inserted by
+    /// the flush (one statement for the batch, with their activity already folded in, instead
+    /// of an insert each and an update of the same rows). Later events of the batch take the
+    /// conversation from here.
+    started: HashMap<(String, String), StartedConversation>,
     /// The 24-hour window clock per (shop, channel id, customer key): the latest customer
     /// message, as (channel, received at, MessageBird message id).
     windows: BTreeMap<WindowKey, WindowMove>,
@@ -165,6 +173,7 @@ impl Deferred {
             && self.statuses.is_empty()
             && self.activity.is_empty()
             && self.attach.is_empty()
+            && self.started.is_empty()
             && self.windows.is_empty()
             && self.notices.is_empty()
     }
@@ -626,17 +635,22 @@ impl Ingestor {
             return Ok(follow_ups);
         }
 
-        let found = lookup
-            .try_get::<Option<Uuid>, _>("t_conversation_id")?
-            .map(|conversation_id| -> Result<Target, sqlx::Error> {
-                Ok(Target {
-                    conversation_id,
-                    state: lookup.try_get("t_state")?,
-                    assignee: lookup.try_get("t_assignee")?,
-                    fresh: false,
+        // A conversation an earlier event of this batch started is not in the table before
+        // the flush: it is taken from the batch (the lookup is current for everything else).
+        let found = match deferred.started.get(&conversation_key) {
+            Some(started) => Some(started.target()),
+            None => lookup
+                .try_get::<Option<Uuid>, _>("t_conversation_id")?
+                .map(|conversation_id| -> Result<Target, sqlx::Error> {
+                    Ok(Target {
+                        conversation_id,
+                        state: lookup.try_get("t_state")?,
+                        assignee: lookup.try_get("t_assignee")?,
+                        fresh: false,
+                    })
                 })
-            })
-            .transpose()?;
+                .transpose()?,
+        };
         let mut started = false;
         let conversation = match customer_key {
             Some(key) => {
@@ -660,19 +674,25 @@ impl Ingestor {
                         let has_closed = lookup
                             .try_get::<Option<bool>, _>("t_has_closed")?
                             .unwrap_or(false);
-                        lookups.conversations.insert(conversation_key);
-                        self.start_conversation(
-                            conn,
-                            shop,
-                            NewConversation {
-                                mb_conversation_id,
-                                customer_id,
-                                has_closed,
-                            },
-                            message,
-                            created_at,
-                        )
-                        .await?
+                        let target = self
+                            .start_conversation(
+                                conn,
+                                deferred,
+                                shop,
+                                NewConversation {
+                                    mb_conversation_id,
+                                    customer_id,
+                                    has_closed,
+                                },
+                                message,
+                            )
+                            .await?;
+                        // A reopened conversation changed in the table: later events of the
+                        // batch look it up again. A new one is answered from the batch.
+                        if !target.fresh {
+                            lookups.conversations.insert(conversation_key);
+                        }
+                        target
                     }
                 })
             }
@@ -859,10 +879,10 @@ impl Ingestor {
     async fn start_conversation(
         &self,
         conn: &mut PgConnection,
+        deferred: &mut Deferred,
         shop: &ShopSettings,
         new: NewConversation<'_>,
         message: &InboundMessage,
-        created_at: DateTime<Utc>,
     ) -> Result<Target, IngestError> {
         let NewConversation {
             mb_conversation_id,
@@ -903,35 +923,29 @@ impl Ingestor {
                 });
             }
         }
-        let conversation_id = Uuid::now_v7();
-        sqlx::query(
-            "insert into conversations (conversation_id, shop_id, messagebird_conversation_id,
-                customer_id, channel, channel_id, platform, state, unassigned_reason, waiting_since,
-                last_activity_at)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10)",
-        )
-        .bind(conversation_id)
-        .bind(&shop.shop_id)
-        .bind(mb_conversation_id)
-        .bind(customer_id)
-        .bind(i16::try_from(message.channel).unwrap_or(0))
-        .bind(&message.channel_id)
-        .bind(&message.platform)
-        .bind(state)
-        .bind(reason)
-        .bind(created_at)
-        .execute(&mut *conn)
-        .await?;
+        let started = StartedConversation {
+            conversation_id: Uuid::now_v7(),
+            customer_id,
+            channel: i16::try_from(message.channel).unwrap_or(0),
+            channel_id: message.channel_id.clone(),
+            platform: message.platform.clone(),
+            state,
+            reason,
+        };
+        let target = started.target();
+        deferred.started.insert(
+            (shop.shop_id.clone(), mb_conversation_id.to_owned()),
+            started,
+        );
         Ok(Target {
-            conversation_id,
-            state: state.to_owned(),
-            assignee: None,
             fresh: true,
+            ..target
         })
     }
 
-    /// Makes the batch's gathered writes: new messages, status moves, conversation activity
-    /// and 24-hour windows in one statement, bot messages attached to new conversations in
+    /// Makes the batch's gathered writes: new conversations, new messages, status moves,
+    /// conversation activity and 24-hour windows in one statement, bot messages attached to
+    /// new conversations in
     /// another (the same row may not be updated twice in one statement), then the employee
     /// events of the stored messages, with their conversations read in one statement.
     pub async fn flush(
@@ -943,102 +957,187 @@ impl Ingestor {
         if deferred.is_empty() {
             return Ok(());
         }
-        let rows = &deferred.inserts;
-        let (status_ids, (status_values, raw_statuses)): (Vec<Uuid>, (Vec<i16>, Vec<String>)) =
-            deferred.statuses.into_iter().unzip();
-        let mut activity_ids = Vec::with_capacity(deferred.activity.len());
-        let mut activity_at = Vec::with_capacity(deferred.activity.len());
-        let mut previews = Vec::with_capacity(deferred.activity.len());
-        for (conversation_id, (at, preview)) in deferred.activity {
-            activity_ids.push(conversation_id);
-            activity_at.push(at);
-            previews.push(preview);
+        // Only the parts this batch needs are written: PostgreSQL plans the statement anew for
+        // each batch (a custom plan, since small batches make the generic one look dearer), and
+        // every part costs planning even when its arrays are empty.
+        let mut writes = Writes::default();
+        let mut activity = deferred.activity;
+        let new = NewConversationRows::of(
+            &mut activity,
+            deferred
+                .started
+                .into_iter()
+                .map(|((shop, mb), c)| (shop, mb, c)),
+        );
+        // The new conversations come first: the messages' foreign keys are checked at the end
+        // of the statement, when every part of it has run.
+        if !new.conversation_id.is_empty() {
+            let p = [
+                writes.bind(new.conversation_id)?,
+                writes.bind(new.shop_id)?,
+                writes.bind(new.mb_conversation_id)?,
+                writes.bind(new.customer_id)?,
+                writes.bind(new.channel)?,
+                writes.bind(new.channel_id)?,
+                writes.bind(new.platform)?,
+                writes.bind(new.state)?,
+                writes.bind(new.reason)?,
+                writes.bind(new.last_activity_at)?,
+                writes.bind(new.preview)?,
+            ];
+            writes.part(format!(
+                "started as (
+                    insert into conversations (conversation_id, shop_id,
+                        messagebird_conversation_id, customer_id, channel, channel_id, platform,
+                        state, unassigned_reason, waiting_since, last_activity_at,
+                        last_message_preview)
+                    select conversation_id, shop_id, mb_conversation_id, customer_id, channel,
+                           channel_id, platform, state, reason, now(), coalesce(at, now()),
+                           preview
+                    from unnest({}::uuid[], {}::text[], {}::text[], {}::uuid[], {}::int2[],
+                                {}::text[], {}::text[], {}::text[], {}::text[],
+                                {}::timestamptz[], {}::text[])
+                         as n(conversation_id, shop_id, mb_conversation_id, customer_id, channel,
+                              channel_id, platform, state, reason, at, preview)
+                 )",
+                p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
+            ));
         }
-        let mut window_shops = Vec::with_capacity(deferred.windows.len());
-        let mut window_channel_ids = Vec::with_capacity(deferred.windows.len());
-        let mut window_keys = Vec::with_capacity(deferred.windows.len());
-        let mut window_channels = Vec::with_capacity(deferred.windows.len());
-        let mut window_at = Vec::with_capacity(deferred.windows.len());
-        let mut window_messages = Vec::with_capacity(deferred.windows.len());
-        for (key, moved) in deferred.windows {
-            window_shops.push(key.shop_id);
-            window_channel_ids.push(key.channel_id);
-            window_keys.push(key.customer_key);
-            window_channels.push(moved.channel);
-            window_at.push(moved.received_at);
-            window_messages.push(moved.mb_message_id);
+        let rows = deferred.inserts;
+        if !rows.message_id.is_empty() {
+            let p = [
+                writes.bind(rows.message_id)?,
+                writes.bind(rows.shop_id)?,
+                writes.bind(rows.conversation_id)?,
+                writes.bind(rows.mb_conversation_id)?,
+                writes.bind(rows.mb_message_id)?,
+                writes.bind(rows.direction)?,
+                writes.bind(rows.channel)?,
+                writes.bind(rows.platform)?,
+                writes.bind(rows.kind)?,
+                writes.bind(rows.text)?,
+                writes.bind(rows.supported)?,
+                writes.bind(rows.content_json)?,
+                writes.bind(rows.status)?,
+                writes.bind(rows.raw_status)?,
+                writes.bind(rows.created_at)?,
+            ];
+            writes.part(format!(
+                "inserted as (
+                    insert into messages (message_id, shop_id, conversation_id,
+                        messagebird_conversation_id, messagebird_message_id, direction, channel,
+                        platform, type, text, supported, content_json, status, raw_status,
+                        created_at)
+                    select message_id, shop_id, conversation_id, mb_conversation_id,
+                           mb_message_id, direction, channel, platform, type, text, supported,
+                           content_json, status, raw_status, created_at
+                    from unnest({}::uuid[], {}::text[], {}::uuid[], {}::text[], {}::text[],
+                                {}::int2[], {}::int2[], {}::text[], {}::text[], {}::text[],
+                                {}::bool[], {}::text[], {}::int2[], {}::text[],
+                                {}::timestamptz[])
+                         with ordinality as m(message_id, shop_id, conversation_id,
+                            mb_conversation_id, mb_message_id, direction, channel, platform,
+                            type, text, supported, content_json, status, raw_status, created_at,
+                            ord)
+                    order by ord
+                 )",
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                p[4],
+                p[5],
+                p[6],
+                p[7],
+                p[8],
+                p[9],
+                p[10],
+                p[11],
+                p[12],
+                p[13],
+                p[14]
+            ));
         }
-        sqlx::query(
-            "with inserted as (
-                insert into messages (message_id, shop_id, conversation_id,
-                    messagebird_conversation_id, messagebird_message_id, direction, channel,
-                    platform, type, text, supported, content_json, status, raw_status, created_at)
-                select message_id, shop_id, conversation_id, mb_conversation_id, mb_message_id,
-                       direction, channel, platform, type, text, supported, content_json,
-                       status, raw_status, created_at
-                from unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                            $6::int2[], $7::int2[], $8::text[], $9::text[], $10::text[],
-                            $11::bool[], $12::text[], $13::int2[], $14::text[],
-                            $15::timestamptz[])
-                     with ordinality as m(message_id, shop_id, conversation_id,
-                        mb_conversation_id, mb_message_id, direction, channel, platform, type,
-                        text, supported, content_json, status, raw_status, created_at, ord)
-                order by ord
-             ),
-             statuses as (
-                update messages m set status = s.status, raw_status = s.raw_status
-                from unnest($16::uuid[], $17::int2[], $18::text[]) as s(message_id, status, raw_status)
-                where m.message_id = s.message_id
-             ),
-             activity as (
-                update conversations c
-                   set last_activity_at = greatest(c.last_activity_at, a.at),
-                       last_message_preview = a.preview
-                from unnest($19::uuid[], $20::timestamptz[], $21::text[]) as a(conversation_id, at, preview)
-                where c.conversation_id = a.conversation_id
-             ),
-             window_moved as (
-                insert into last_received (shop_id, channel_id, customer_key, channel,
-                                           received_at, messagebird_message_id)
-                select * from unnest($22::text[], $23::text[], $24::text[], $25::int2[],
-                                     $26::timestamptz[], $27::text[])
-                on conflict (shop_id, channel_id, customer_key) do update
-                   set received_at = excluded.received_at,
-                       messagebird_message_id = excluded.messagebird_message_id,
-                       channel = excluded.channel
-                   where last_received.received_at < excluded.received_at
-             )
-             select 1",
-        )
-        .bind(&rows.message_id)
-        .bind(&rows.shop_id)
-        .bind(&rows.conversation_id)
-        .bind(&rows.mb_conversation_id)
-        .bind(&rows.mb_message_id)
-        .bind(&rows.direction)
-        .bind(&rows.channel)
-        .bind(&rows.platform)
-        .bind(&rows.kind)
-        .bind(&rows.text)
-        .bind(&rows.supported)
-        .bind(&rows.content_json)
-        .bind(&rows.status)
-        .bind(&rows.raw_status)
-        .bind(&rows.created_at)
-        .bind(&status_ids)
-        .bind(&status_values)
-        .bind(&raw_statuses)
-        .bind(&activity_ids)
-        .bind(&activity_at)
-        .bind(&previews)
-        .bind(&window_shops)
-        .bind(&window_channel_ids)
-        .bind(&window_keys)
-        .bind(&window_channels)
-        .bind(&window_at)
-        .bind(&window_messages)
-        .execute(&mut *conn)
-        .await?;
+        if !deferred.statuses.is_empty() {
+            let (ids, (values, raw)): (Vec<Uuid>, (Vec<i16>, Vec<String>)) =
+                deferred.statuses.into_iter().unzip();
+            let p = [writes.bind(ids)?, writes.bind(values)?, writes.bind(raw)?];
+            writes.part(format!(
+                "statuses as (
+                    update messages m set status = s.status, raw_status = s.raw_status
+                    from unnest({}::uuid[], {}::int2[], {}::text[])
+                         as s(message_id, status, raw_status)
+                    where m.message_id = s.message_id
+                 )",
+                p[0], p[1], p[2]
+            ));
+        }
+        if !activity.is_empty() {
+            let mut ids = Vec::with_capacity(activity.len());
+            let mut at = Vec::with_capacity(activity.len());
+            let mut previews = Vec::with_capacity(activity.len());
+            for (conversation_id, (last, preview)) in activity {
+                ids.push(conversation_id);
+                at.push(last);
+                previews.push(preview);
+            }
+            let p = [writes.bind(ids)?, writes.bind(at)?, writes.bind(previews)?];
+            writes.part(format!(
+                "activity as (
+                    update conversations c
+                       set last_activity_at = greatest(c.last_activity_at, a.at),
+                           last_message_preview = a.preview
+                    from unnest({}::uuid[], {}::timestamptz[], {}::text[])
+                         as a(conversation_id, at, preview)
+                    where c.conversation_id = a.conversation_id
+                 )",
+                p[0], p[1], p[2]
+            ));
+        }
+        if !deferred.windows.is_empty() {
+            let n = deferred.windows.len();
+            let (mut shops, mut channel_ids, mut keys) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let (mut channels, mut at, mut messages) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for (key, moved) in deferred.windows {
+                shops.push(key.shop_id);
+                channel_ids.push(key.channel_id);
+                keys.push(key.customer_key);
+                channels.push(moved.channel);
+                at.push(moved.received_at);
+                messages.push(moved.mb_message_id);
+            }
+            let p = [
+                writes.bind(shops)?,
+                writes.bind(channel_ids)?,
+                writes.bind(keys)?,
+                writes.bind(channels)?,
+                writes.bind(at)?,
+                writes.bind(messages)?,
+            ];
+            writes.part(format!(
+                "window_moved as (
+                    insert into last_received (shop_id, channel_id, customer_key, channel,
+                                               received_at, messagebird_message_id)
+                    select * from unnest({}::text[], {}::text[], {}::text[], {}::int2[],
+                                         {}::timestamptz[], {}::text[])
+                    on conflict (shop_id, channel_id, customer_key) do update
+                       set received_at = excluded.received_at,
+                           messagebird_message_id = excluded.messagebird_message_id,
+                           channel = excluded.channel
+                       where last_received.received_at < excluded.received_at
+                 )",
+                p[0], p[1], p[2], p[3], p[4], p[5]
+            ));
+        }
+        writes.execute(conn).await?;
         if !deferred.attach.is_empty() {
             let (shops, (mb_conversation_ids, conversation_ids)): (
                 Vec<String>,
@@ -1048,13 +1147,20 @@ impl Ingestor {
                 .into_iter()
                 .map(|(shop, mb, id)| (shop, (mb, id)))
                 .unzip();
+            // Each conversation's orphans are read through `messages_orphans` by its key
+            // (`offset 0` keeps the subquery apart): joined as a whole, PostgreSQL read every
+            // orphan of every shop into a hash, about a millisecond once a few hundred waited.
             sqlx::query(
                 "update messages m set conversation_id = a.conversation_id
                  from unnest($1::text[], $2::text[], $3::uuid[])
                       as a(shop_id, mb_conversation_id, conversation_id)
-                 where m.shop_id = a.shop_id
-                   and m.messagebird_conversation_id = a.mb_conversation_id
-                   and m.conversation_id is null",
+                 cross join lateral (
+                    select o.message_id from messages o
+                    where o.shop_id = a.shop_id
+                      and o.messagebird_conversation_id = a.mb_conversation_id
+                      and o.conversation_id is null
+                    offset 0) o
+                 where m.message_id = o.message_id",
             )
             .bind(&shops)
             .bind(&mb_conversation_ids)
@@ -1164,6 +1270,91 @@ impl MessageRows {
     }
 }
 
+/// One statement made of the data-modifying parts a flush needs, and their arguments.
+#[derive(Default)]
+struct Writes {
+    parts: Vec<String>,
+    arguments: PgArguments,
+    bound: usize,
+}
+
+impl Writes {
+    /// Binds an argument; returns its placeholder.
+    fn bind<'t, T>(&mut self, value: T) -> Result<String, IngestError>
+    where
+        T: sqlx::Encode<'t, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.arguments
+            .add(value)
+            .map_err(|e| IngestError::Failed(format!("encoding the batch's writes: {e}")))?;
+        self.bound += 1;
+        Ok(format!("${}", self.bound))
+    }
+
+    /// Adds a part: `name as (statement)`.
+    fn part(&mut self, part: String) {
+        self.parts.push(part);
+    }
+
+    async fn execute(self, conn: &mut PgConnection) -> Result<(), IngestError> {
+        if self.parts.is_empty() {
+            return Ok(());
+        }
+        let sql = format!("with {} select 1", self.parts.join(", "));
+        sqlx::query_with(sqlx::AssertSqlSafe(sql), self.arguments)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The conversations a batch starts, one vector per column (the `unnest` of the insert).
+#[derive(Debug, Default)]
+struct NewConversationRows {
+    conversation_id: Vec<Uuid>,
+    shop_id: Vec<String>,
+    mb_conversation_id: Vec<String>,
+    customer_id: Vec<Uuid>,
+    channel: Vec<i16>,
+    channel_id: Vec<String>,
+    platform: Vec<String>,
+    state: Vec<&'static str>,
+    reason: Vec<Option<&'static str>>,
+    last_activity_at: Vec<Option<DateTime<Utc>>>,
+    preview: Vec<String>,
+}
+
+impl NewConversationRows {
+    /// The rows of `started`, in id order (the order they were started in), each with its
+    /// activity taken out of `activity`: a new row is written once, with its last activity.
+    fn of(
+        activity: &mut BTreeMap<Uuid, (DateTime<Utc>, String)>,
+        started: impl Iterator<Item = (String, String, StartedConversation)>,
+    ) -> Self {
+        let mut started: Vec<_> = started.collect();
+        started.sort_by_key(|(_, _, c)| c.conversation_id);
+        let mut rows = Self::default();
+        for (shop_id, mb_conversation_id, c) in started {
+            let (at, preview) = match activity.remove(&c.conversation_id) {
+                Some((at, preview)) => (Some(at), preview),
+                None => (None, String::new()),
+            };
+            rows.conversation_id.push(c.conversation_id);
+            rows.shop_id.push(shop_id);
+            rows.mb_conversation_id.push(mb_conversation_id);
+            rows.customer_id.push(c.customer_id);
+            rows.channel.push(c.channel);
+            rows.channel_id.push(c.channel_id);
+            rows.platform.push(c.platform);
+            rows.state.push(c.state);
+            rows.reason.push(c.reason);
+            rows.last_activity_at.push(at);
+            rows.preview.push(preview);
+        }
+        rows
+    }
+}
+
 /// One new message's columns: the stored copy plus what only the table keeps.
 struct MessageRow<'a> {
     message_id: Uuid,
@@ -1210,6 +1401,30 @@ struct NewConversation<'a> {
     customer_id: Uuid,
     /// The lookup found a closed conversation for this MessageBird conversation.
     has_closed: bool,
+}
+
+/// A conversation the batch starts, as the flush inserts it.
+#[derive(Debug)]
+struct StartedConversation {
+    conversation_id: Uuid,
+    customer_id: Uuid,
+    channel: i16,
+    channel_id: String,
+    platform: String,
+    state: &'static str,
+    reason: Option<&'static str>,
+}
+
+impl StartedConversation {
+    /// The conversation as a later event of the batch finds it.
+    fn target(&self) -> Target {
+        Target {
+            conversation_id: self.conversation_id,
+            state: self.state.to_owned(),
+            assignee: None,
+            fresh: false,
+        }
+    }
 }
 
 /// The conversation a message lands in.

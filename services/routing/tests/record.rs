@@ -195,8 +195,11 @@ async fn bot_and_agent_messages_are_history_only() {
     let mut greeting = Msg::sent("mbconv-2", "bot-1", "Welcome! How can we help?");
     greeting.created_at = chrono::Utc::now() - chrono::Duration::seconds(10);
     env.publish(&greeting.event()).await;
-    eventually(20, "the bot message", || async {
-        (env.count("select count(*) from messages").await == 1).then_some(())
+    // Another conversation's greeting: it must stay where it is when mbconv-2 starts.
+    env.publish(&Msg::sent("mbconv-2b", "bot-other", "Welcome!").event())
+        .await;
+    eventually(20, "the bot messages", || async {
+        (env.count("select count(*) from messages").await == 2).then_some(())
     })
     .await;
     assert_eq!(env.count("select count(*) from conversations").await, 0);
@@ -236,6 +239,15 @@ async fn bot_and_agent_messages_are_history_only() {
             .unwrap();
     assert_eq!(window_before, window_after);
     assert_eq!(env.count("select count(*) from conversations").await, 1);
+    assert_eq!(
+        env.count(
+            "select count(*) from messages
+             where messagebird_message_id = 'bot-other' and conversation_id is null"
+        )
+        .await,
+        1,
+        "another conversation's bot message is not attached"
+    );
 }
 
 #[tokio::test]
