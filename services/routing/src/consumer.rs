@@ -41,6 +41,7 @@ use shopctrl_amqp::{
     Names, QueueSpec, TopologyError, connect, consume_span, declare_exchange, declare_queue,
     headers_to_pairs,
 };
+use shopctrl_proto::v1::HandoverRequest;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -492,7 +493,37 @@ async fn run_follow_ups(
     claimed_in_batch: &HashSet<uuid::Uuid>,
     shutdown: &CancellationToken,
 ) -> bool {
-    // What the batch's own claims dealt with needs nothing more.
+    let (waiting, handovers) = follow_up_work(follow_ups, claimed_in_batch);
+    if !waiting.is_empty()
+        && !retry(shutdown, || {
+            context.assigner.conversations_waiting(waiting.clone())
+        })
+        .await
+    {
+        return false;
+    }
+    for (handover, span) in handovers {
+        if !retry(shutdown, || context.assigner.handover(handover.clone()))
+            .instrument(span)
+            .await
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// What a batch asks of the assigner after its commit: each waiting conversation once, except
+/// those the batch's own claims dealt with, marked as a mere repeat unless its event started
+/// it or was delivered before (a crash may have kept the claim of one it started); and the
+/// handovers, in order.
+fn follow_up_work(
+    follow_ups: Vec<(FollowUps, tracing::Span)>,
+    claimed_in_batch: &HashSet<uuid::Uuid>,
+) -> (
+    Vec<WaitingConversation>,
+    Vec<(HandoverRequest, tracing::Span)>,
+) {
     let mut seen = claimed_in_batch.clone();
     let mut waiting = Vec::new();
     let mut handovers = Vec::new();
@@ -512,23 +543,7 @@ async fn run_follow_ups(
             handovers.push((handover, span.clone()));
         }
     }
-    if !waiting.is_empty()
-        && !retry(shutdown, || {
-            context.assigner.conversations_waiting(waiting.clone())
-        })
-        .await
-    {
-        return false;
-    }
-    for (handover, span) in handovers {
-        if !retry(shutdown, || context.assigner.handover(handover.clone()))
-            .instrument(span)
-            .await
-        {
-            return false;
-        }
-    }
-    true
+    (waiting, handovers)
 }
 
 async fn retry<'a, F>(shutdown: &CancellationToken, mut call: impl FnMut() -> F) -> bool
@@ -596,5 +611,63 @@ async fn dead_letter(
     match confirm {
         Confirmation::Ack(None) => Ok(()),
         _ => Err(ShardError::DeadLetterUnconfirmed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follow_ups(
+        waiting: &[uuid::Uuid],
+        started: &[uuid::Uuid],
+        redelivered: bool,
+    ) -> (FollowUps, tracing::Span) {
+        (
+            FollowUps {
+                shop_id: "shop-a".into(),
+                waiting: waiting.to_vec(),
+                started: started.to_vec(),
+                redelivered,
+                handovers: Vec::new(),
+            },
+            tracing::Span::none(),
+        )
+    }
+
+    fn repeats(work: &[WaitingConversation]) -> Vec<(uuid::Uuid, bool)> {
+        work.iter().map(|w| (w.conversation_id, w.repeat)).collect()
+    }
+
+    #[test]
+    fn only_a_first_delivery_of_a_further_message_is_a_mere_repeat() {
+        let [started, further, redelivered] = [(); 3].map(|()| uuid::Uuid::now_v7());
+        let (work, _) = follow_up_work(
+            vec![
+                follow_ups(&[started], &[started], false),
+                follow_ups(&[further], &[], false),
+                follow_ups(&[redelivered], &[], true),
+            ],
+            &HashSet::new(),
+        );
+        assert_eq!(
+            repeats(&work),
+            [(started, false), (further, true), (redelivered, false)]
+        );
+    }
+
+    #[test]
+    fn each_conversation_is_asked_once_and_not_after_the_batch_claimed_it() {
+        let [a, b, claimed] = [(); 3].map(|()| uuid::Uuid::now_v7());
+        let (work, _) = follow_up_work(
+            vec![
+                follow_ups(&[a, claimed], &[a, claimed], false),
+                follow_ups(&[a, b], &[], false),
+                follow_ups(&[b], &[], true),
+            ],
+            &HashSet::from([claimed]),
+        );
+        // The first event to name a conversation decides how it is asked.
+        assert_eq!(repeats(&work), [(a, false), (b, true)]);
     }
 }

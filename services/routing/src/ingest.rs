@@ -972,19 +972,19 @@ impl Ingestor {
         // The new conversations come first: the messages' foreign keys are checked at the end
         // of the statement, when every part of it has run.
         if !new.conversation_id.is_empty() {
-            let p = [
-                writes.bind(new.conversation_id)?,
-                writes.bind(new.shop_id)?,
-                writes.bind(new.mb_conversation_id)?,
-                writes.bind(new.customer_id)?,
-                writes.bind(new.channel)?,
-                writes.bind(new.channel_id)?,
-                writes.bind(new.platform)?,
-                writes.bind(new.state)?,
-                writes.bind(new.reason)?,
-                writes.bind(new.last_activity_at)?,
-                writes.bind(new.preview)?,
-            ];
+            let mut from = writes.unnest();
+            from.column(new.conversation_id, "uuid")?;
+            from.column(new.shop_id, "text")?;
+            from.column(new.mb_conversation_id, "text")?;
+            from.column(new.customer_id, "uuid")?;
+            from.column(new.channel, "int2")?;
+            from.column(new.channel_id, "text")?;
+            from.column(new.platform, "text")?;
+            from.column(new.state, "text")?;
+            from.column(new.reason, "text")?;
+            from.column(new.last_activity_at, "timestamptz")?;
+            from.column(new.preview, "text")?;
+            let from = from.finish();
             writes.part(format!(
                 "started as (
                     insert into conversations (conversation_id, shop_id,
@@ -994,34 +994,31 @@ impl Ingestor {
                     select conversation_id, shop_id, mb_conversation_id, customer_id, channel,
                            channel_id, platform, state, reason, now(), coalesce(at, now()),
                            preview
-                    from unnest({}::uuid[], {}::text[], {}::text[], {}::uuid[], {}::int2[],
-                                {}::text[], {}::text[], {}::text[], {}::text[],
-                                {}::timestamptz[], {}::text[])
+                    from {from}
                          as n(conversation_id, shop_id, mb_conversation_id, customer_id, channel,
                               channel_id, platform, state, reason, at, preview)
-                 )",
-                p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]
+                 )"
             ));
         }
         let rows = deferred.inserts;
         if !rows.message_id.is_empty() {
-            let p = [
-                writes.bind(rows.message_id)?,
-                writes.bind(rows.shop_id)?,
-                writes.bind(rows.conversation_id)?,
-                writes.bind(rows.mb_conversation_id)?,
-                writes.bind(rows.mb_message_id)?,
-                writes.bind(rows.direction)?,
-                writes.bind(rows.channel)?,
-                writes.bind(rows.platform)?,
-                writes.bind(rows.kind)?,
-                writes.bind(rows.text)?,
-                writes.bind(rows.supported)?,
-                writes.bind(rows.content_json)?,
-                writes.bind(rows.status)?,
-                writes.bind(rows.raw_status)?,
-                writes.bind(rows.created_at)?,
-            ];
+            let mut from = writes.unnest();
+            from.column(rows.message_id, "uuid")?;
+            from.column(rows.shop_id, "text")?;
+            from.column(rows.conversation_id, "uuid")?;
+            from.column(rows.mb_conversation_id, "text")?;
+            from.column(rows.mb_message_id, "text")?;
+            from.column(rows.direction, "int2")?;
+            from.column(rows.channel, "int2")?;
+            from.column(rows.platform, "text")?;
+            from.column(rows.kind, "text")?;
+            from.column(rows.text, "text")?;
+            from.column(rows.supported, "bool")?;
+            from.column(rows.content_json, "text")?;
+            from.column(rows.status, "int2")?;
+            from.column(rows.raw_status, "text")?;
+            from.column(rows.created_at, "timestamptz")?;
+            let from = from.finish();
             writes.part(format!(
                 "inserted as (
                     insert into messages (message_id, shop_id, conversation_id,
@@ -1031,45 +1028,29 @@ impl Ingestor {
                     select message_id, shop_id, conversation_id, mb_conversation_id,
                            mb_message_id, direction, channel, platform, type, text, supported,
                            content_json, status, raw_status, created_at
-                    from unnest({}::uuid[], {}::text[], {}::uuid[], {}::text[], {}::text[],
-                                {}::int2[], {}::int2[], {}::text[], {}::text[], {}::text[],
-                                {}::bool[], {}::text[], {}::int2[], {}::text[],
-                                {}::timestamptz[])
+                    from {from}
                          with ordinality as m(message_id, shop_id, conversation_id,
                             mb_conversation_id, mb_message_id, direction, channel, platform,
                             type, text, supported, content_json, status, raw_status, created_at,
                             ord)
                     order by ord
-                 )",
-                p[0],
-                p[1],
-                p[2],
-                p[3],
-                p[4],
-                p[5],
-                p[6],
-                p[7],
-                p[8],
-                p[9],
-                p[10],
-                p[11],
-                p[12],
-                p[13],
-                p[14]
+                 )"
             ));
         }
         if !deferred.statuses.is_empty() {
             let (ids, (values, raw)): (Vec<Uuid>, (Vec<i16>, Vec<String>)) =
                 deferred.statuses.into_iter().unzip();
-            let p = [writes.bind(ids)?, writes.bind(values)?, writes.bind(raw)?];
+            let mut from = writes.unnest();
+            from.column(ids, "uuid")?;
+            from.column(values, "int2")?;
+            from.column(raw, "text")?;
+            let from = from.finish();
             writes.part(format!(
                 "statuses as (
                     update messages m set status = s.status, raw_status = s.raw_status
-                    from unnest({}::uuid[], {}::int2[], {}::text[])
-                         as s(message_id, status, raw_status)
+                    from {from} as s(message_id, status, raw_status)
                     where m.message_id = s.message_id
-                 )",
-                p[0], p[1], p[2]
+                 )"
             ));
         }
         if !activity.is_empty() {
@@ -1081,17 +1062,19 @@ impl Ingestor {
                 at.push(last);
                 previews.push(preview);
             }
-            let p = [writes.bind(ids)?, writes.bind(at)?, writes.bind(previews)?];
+            let mut from = writes.unnest();
+            from.column(ids, "uuid")?;
+            from.column(at, "timestamptz")?;
+            from.column(previews, "text")?;
+            let from = from.finish();
             writes.part(format!(
                 "activity as (
                     update conversations c
                        set last_activity_at = greatest(c.last_activity_at, a.at),
                            last_message_preview = a.preview
-                    from unnest({}::uuid[], {}::timestamptz[], {}::text[])
-                         as a(conversation_id, at, preview)
+                    from {from} as a(conversation_id, at, preview)
                     where c.conversation_id = a.conversation_id
-                 )",
-                p[0], p[1], p[2]
+                 )"
             ));
         }
         if !deferred.windows.is_empty() {
@@ -1114,27 +1097,25 @@ impl Ingestor {
                 at.push(moved.received_at);
                 messages.push(moved.mb_message_id);
             }
-            let p = [
-                writes.bind(shops)?,
-                writes.bind(channel_ids)?,
-                writes.bind(keys)?,
-                writes.bind(channels)?,
-                writes.bind(at)?,
-                writes.bind(messages)?,
-            ];
+            let mut from = writes.unnest();
+            from.column(shops, "text")?;
+            from.column(channel_ids, "text")?;
+            from.column(keys, "text")?;
+            from.column(channels, "int2")?;
+            from.column(at, "timestamptz")?;
+            from.column(messages, "text")?;
+            let from = from.finish();
             writes.part(format!(
                 "window_moved as (
                     insert into last_received (shop_id, channel_id, customer_key, channel,
                                                received_at, messagebird_message_id)
-                    select * from unnest({}::text[], {}::text[], {}::text[], {}::int2[],
-                                         {}::timestamptz[], {}::text[])
+                    select * from {from}
                     on conflict (shop_id, channel_id, customer_key) do update
                        set received_at = excluded.received_at,
                            messagebird_message_id = excluded.messagebird_message_id,
                            channel = excluded.channel
                        where last_received.received_at < excluded.received_at
-                 )",
-                p[0], p[1], p[2], p[3], p[4], p[5]
+                 )"
             ));
         }
         writes.execute(conn).await?;
@@ -1279,16 +1260,12 @@ struct Writes {
 }
 
 impl Writes {
-    /// Binds an argument; returns its placeholder.
-    fn bind<'t, T>(&mut self, value: T) -> Result<String, IngestError>
-    where
-        T: sqlx::Encode<'t, Postgres> + sqlx::Type<Postgres>,
-    {
-        self.arguments
-            .add(value)
-            .map_err(|e| IngestError::Failed(format!("encoding the batch's writes: {e}")))?;
-        self.bound += 1;
-        Ok(format!("${}", self.bound))
+    /// An `unnest(...)` of arrays bound as arguments, each with its cast beside it.
+    fn unnest(&mut self) -> Unnest<'_> {
+        Unnest {
+            writes: self,
+            columns: Vec::new(),
+        }
     }
 
     /// Adds a part: `name as (statement)`.
@@ -1305,6 +1282,33 @@ impl Writes {
             .execute(conn)
             .await?;
         Ok(())
+    }
+}
+
+/// The columns of one `unnest`, bound as they are added.
+struct Unnest<'w> {
+    writes: &'w mut Writes,
+    columns: Vec<String>,
+}
+
+impl Unnest<'_> {
+    /// Binds one column's values as an array of `sql_type`.
+    fn column<'t, T>(&mut self, values: Vec<T>, sql_type: &str) -> Result<(), IngestError>
+    where
+        Vec<T>: sqlx::Encode<'t, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.writes
+            .arguments
+            .add(values)
+            .map_err(|e| IngestError::Failed(format!("encoding the batch's writes: {e}")))?;
+        self.writes.bound += 1;
+        self.columns
+            .push(format!("${}::{sql_type}[]", self.writes.bound));
+        Ok(())
+    }
+
+    fn finish(self) -> String {
+        format!("unnest({})", self.columns.join(", "))
     }
 }
 
