@@ -141,8 +141,9 @@ impl BatchState {
 
 /// Writes gathered while a batch is applied, made in a few set-based statements by
 /// [`Ingestor::flush`] instead of one round trip per event. Later events of the batch see them
-/// through `written` (a message's status) and the message rows themselves (attaching bot
-/// messages to a conversation created further on).
+/// through `written` (a message's status), `started` (a conversation started earlier in the
+/// batch) and the message rows themselves (attaching bot messages to a conversation created
+/// further on).
 #[derive(Debug, Default)]
 struct Deferred {
     inserts: MessageRows,
@@ -238,14 +239,15 @@ struct Notice {
 }
 
 /// The batch's lookups ([`Ingestor::prefetch`]) and the keys an earlier event of the batch
-/// changed: a message whose conversation or customer was touched is looked up again on its
-/// own, so it sees what the earlier events wrote. (A message the batch already wrote is
-/// answered from [`Deferred`]'s `written`.)
+/// changed: a message whose conversation (reopened) or customer (created) was touched is
+/// looked up again on its own, so it sees what the earlier events wrote. (A message the batch
+/// already wrote is answered from [`Deferred`]'s `written`, a conversation it started from
+/// its `started`.)
 #[derive(Debug, Default)]
 struct Lookups {
     /// By (shop, MessageBird message id).
     rows: HashMap<(String, String), PgRow>,
-    /// (shop, MessageBird conversation id) whose conversation this batch created or reopened.
+    /// (shop, MessageBird conversation id) whose conversation this batch reopened.
     conversations: HashSet<(String, String)>,
     /// (shop, customer key) created by this batch.
     customers: HashSet<(String, String)>,
@@ -945,9 +947,9 @@ impl Ingestor {
 
     /// Makes the batch's gathered writes: new conversations, new messages, status moves,
     /// conversation activity and 24-hour windows in one statement, bot messages attached to
-    /// new conversations in
-    /// another (the same row may not be updated twice in one statement), then the employee
-    /// events of the stored messages, with their conversations read in one statement.
+    /// new conversations in another (the same row may not be updated twice in one statement),
+    /// then the employee events of the stored messages, with their conversations read in one
+    /// statement.
     pub async fn flush(
         &self,
         conn: &mut PgConnection,
@@ -969,8 +971,8 @@ impl Ingestor {
                 .into_iter()
                 .map(|((shop, mb), c)| (shop, mb, c)),
         );
-        // The new conversations come first: the messages' foreign keys are checked at the end
-        // of the statement, when every part of it has run.
+        // The messages may belong to the conversations inserted beside them: foreign keys are
+        // checked at the end of the statement, once every part of it has run.
         if !new.conversation_id.is_empty() {
             let mut from = writes.unnest();
             from.column(new.conversation_id, "uuid")?;
@@ -1141,7 +1143,7 @@ impl Ingestor {
                       and o.messagebird_conversation_id = a.mb_conversation_id
                       and o.conversation_id is null
                     offset 0) o
-                 where m.message_id = o.message_id",
+                 where m.message_id = o.message_id and m.conversation_id is null",
             )
             .bind(&shops)
             .bind(&mb_conversation_ids)
@@ -1439,4 +1441,54 @@ struct Target {
     assignee: Option<String>,
     /// Created by this message.
     fresh: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_column_is_bound_in_order_beside_its_cast() -> Result<(), IngestError> {
+        let mut writes = Writes::default();
+        let mut first = writes.unnest();
+        first.column(vec![Uuid::nil()], "uuid")?;
+        first.column(vec!["a"], "text")?;
+        assert_eq!(first.finish(), "unnest($1::uuid[], $2::text[])");
+        let mut second = writes.unnest();
+        second.column(vec![1_i16], "int2")?;
+        assert_eq!(second.finish(), "unnest($3::int2[])");
+        assert_eq!(writes.bound, 3);
+        Ok(())
+    }
+
+    #[test]
+    fn a_new_conversation_takes_its_activity_into_its_row() {
+        let at = Utc::now();
+        let (started, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut activity = BTreeMap::from([
+            (started, (at, "latest".to_owned())),
+            (other, (at, "elsewhere".to_owned())),
+        ]);
+        let rows = NewConversationRows::of(
+            &mut activity,
+            std::iter::once((
+                "shop-a".to_owned(),
+                "mb-1".to_owned(),
+                StartedConversation {
+                    conversation_id: started,
+                    customer_id: Uuid::now_v7(),
+                    channel: 1,
+                    channel_id: "wa".into(),
+                    platform: "whatsapp".into(),
+                    state: "waiting_for_employee",
+                    reason: None,
+                },
+            )),
+        );
+        assert_eq!(rows.conversation_id, [started]);
+        assert_eq!(rows.last_activity_at, [Some(at)]);
+        assert_eq!(rows.preview, ["latest"]);
+        // Only the existing conversation is left for the activity update.
+        assert_eq!(activity.keys().copied().collect::<Vec<_>>(), [other]);
+    }
 }
