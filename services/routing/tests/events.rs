@@ -63,6 +63,8 @@ impl TestQueue {
                 .unwrap();
         let channel = connection.create_channel().await.unwrap();
         let name = env.names.custom(name);
+        // Deleted with the test's broker objects when the test ends.
+        env.amqp.track_queue(name.clone());
         declare_queue(
             &channel,
             &QueueSpec::quorum(name.clone()).bind(exchange, key),

@@ -194,7 +194,6 @@ impl Env {
         for name in exchanges {
             amqp.track_exchange(name);
         }
-        amqp.track_queue(names.custom("test.outbound.send"));
         let publisher = Publisher::connect(amqp.url(), "routing tests", Duration::from_secs(10))
             .await
             .unwrap();
