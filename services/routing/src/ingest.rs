@@ -964,13 +964,7 @@ impl Ingestor {
         // every part costs planning even when its arrays are empty.
         let mut writes = Writes::default();
         let mut activity = deferred.activity;
-        let new = NewConversationRows::of(
-            &mut activity,
-            deferred
-                .started
-                .into_iter()
-                .map(|((shop, mb), c)| (shop, mb, c)),
-        );
+        let new = NewConversationRows::of(&mut activity, deferred.started);
         // The messages may belong to the conversations inserted beside them: foreign keys are
         // checked at the end of the statement, once every part of it has run.
         if !new.conversation_id.is_empty() {
@@ -1335,12 +1329,12 @@ impl NewConversationRows {
     /// activity taken out of `activity`: a new row is written once, with its last activity.
     fn of(
         activity: &mut BTreeMap<Uuid, (DateTime<Utc>, String)>,
-        started: impl Iterator<Item = (String, String, StartedConversation)>,
+        started: HashMap<(String, String), StartedConversation>,
     ) -> Self {
-        let mut started: Vec<_> = started.collect();
-        started.sort_by_key(|(_, _, c)| c.conversation_id);
+        let mut started: Vec<_> = started.into_iter().collect();
+        started.sort_by_key(|(_, c)| c.conversation_id);
         let mut rows = Self::default();
-        for (shop_id, mb_conversation_id, c) in started {
+        for ((shop_id, mb_conversation_id), c) in started {
             let (at, preview) = match activity.remove(&c.conversation_id) {
                 Some((at, preview)) => (Some(at), preview),
                 None => (None, String::new()),
@@ -1471,9 +1465,8 @@ mod tests {
         ]);
         let rows = NewConversationRows::of(
             &mut activity,
-            std::iter::once((
-                "shop-a".to_owned(),
-                "mb-1".to_owned(),
+            HashMap::from([(
+                ("shop-a".to_owned(), "mb-1".to_owned()),
                 StartedConversation {
                     conversation_id: started,
                     customer_id: Uuid::now_v7(),
@@ -1483,7 +1476,7 @@ mod tests {
                     state: "waiting_for_employee",
                     reason: None,
                 },
-            )),
+            )]),
         );
         assert_eq!(rows.conversation_id, [started]);
         assert_eq!(rows.last_activity_at, [Some(at)]);
