@@ -74,6 +74,7 @@ impl App {
             &settings.redis_url,
             &settings.redis_key_prefix,
             Duration::from_millis(settings.redis_timeout_ms),
+            metrics.replay_store_errors.clone(),
         )
         .context("REDIS_URL")?;
         let state = AppState {

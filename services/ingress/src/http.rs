@@ -147,16 +147,26 @@ impl Refusal {
     }
 }
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    // Serializing strings and flat maps cannot fail; an empty object would still be JSON.
+    let body = serde_json::to_string(body).unwrap_or_else(|_| "{}".to_owned());
     (
         status,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        body.to_string(),
+        body,
     )
         .into_response()
+}
+
+/// A webhook's answer, serialized straight from this (the hot path builds no JSON tree).
+#[derive(serde::Serialize)]
+struct WebhookAnswer<'a> {
+    status: &'static str,
+    #[serde(rename = "eventId")]
+    event_id: &'a str,
 }
 
 fn refuse(state: &AppState, route: &'static str, refusal: Refusal, detail: &str) -> Response {
@@ -194,7 +204,7 @@ fn refuse(state: &AppState, route: &'static str, refusal: Refusal, detail: &str)
     }
     let mut response = json_response(
         status,
-        serde_json::json!({ "error": refusal.message(), "reason": reason }),
+        &serde_json::json!({ "error": refusal.message(), "reason": reason }),
     );
     if status == StatusCode::SERVICE_UNAVAILABLE {
         response.headers_mut().insert(
@@ -205,7 +215,7 @@ fn refuse(state: &AppState, route: &'static str, refusal: Refusal, detail: &str)
     response
 }
 
-fn accept(state: &AppState, route: &'static str, body: serde_json::Value) -> Response {
+fn accept(state: &AppState, route: &'static str, body: &impl serde::Serialize) -> Response {
     state
         .metrics
         .requests
@@ -459,7 +469,10 @@ async fn handle_webhook(
             return Ok(accept(
                 state,
                 ROUTE_WEBHOOK,
-                serde_json::json!({ "status": "duplicate", "eventId": parsed.event_id }),
+                &WebhookAnswer {
+                    status: "duplicate",
+                    event_id: &parsed.event_id,
+                },
             ));
         }
         Ok(false) => {}
@@ -504,14 +517,18 @@ async fn handle_webhook(
         .get_or_create(&Kind { kind: "webhook" })
         .inc();
 
-    if let Err(error) = state.replay.remember(replay_key, *replay_ttl).await {
+    // Not awaited: the event is safe with the broker, so the answer need not wait for Redis.
+    if let Err(error) = state.replay.remember_in_background(replay_key, *replay_ttl) {
         state.metrics.replay_store_errors.inc();
         tracing::warn!(%error, "cannot remember the token id; a replay would be published again");
     }
     Ok(accept(
         state,
         ROUTE_WEBHOOK,
-        serde_json::json!({ "status": "accepted", "eventId": parsed.event_id }),
+        &WebhookAnswer {
+            status: "accepted",
+            event_id: &parsed.event_id,
+        },
     ))
 }
 
@@ -621,7 +638,7 @@ async fn handle_handover(
     Ok(accept(
         state,
         ROUTE_HANDOVER,
-        serde_json::json!({
+        &serde_json::json!({
             "status": "accepted",
             "accepted": true,
             "conversationId": parsed.conversation_id,

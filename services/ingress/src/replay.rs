@@ -2,6 +2,10 @@
 //! publish was confirmed, for the token's remaining lifetime plus leeway. A request that
 //! reuses it is answered 200 and not published again.
 //!
+//! The server does not wait for that write: once the broker confirmed, the answer goes out and
+//! the write follows in the next pipeline. Any later check of the same key is queued after it,
+//! so it still sees the key.
+//!
 //! The store fails open: when Redis is unreachable the request is published anyway (and the
 //! failure counted), because a replayed event is harmless downstream (routing deduplicates by
 //! event id) while refusing genuine webhooks during a Redis outage would lose availability.
@@ -13,6 +17,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
 use redis::{Value, aio::ConnectionManager};
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,6 +38,9 @@ pub trait ReplayStore: Send + Sync + 'static {
         key: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), ReplayError>>;
+    /// Queues `remember` without waiting for it. An error here means it was not even queued;
+    /// a failure of the write itself is counted and logged by the store.
+    fn remember_in_background(&self, key: &str, ttl: Duration) -> Result<(), ReplayError>;
 }
 
 /// The most operations sent to Redis in one pipeline.
@@ -47,7 +55,8 @@ enum Op {
     Remember {
         key: String,
         seconds: u64,
-        reply: oneshot::Sender<Result<(), ReplayError>>,
+        /// `None` for a write nobody waits for.
+        reply: Option<oneshot::Sender<Result<(), ReplayError>>>,
     },
 }
 
@@ -57,6 +66,8 @@ enum Op {
 /// one, those round trips cost ingress about a quarter of its throughput in socket work, so
 /// one task sends whatever has queued up as a single pipeline: one write and one read for
 /// all requests waiting at that moment, one command each, answers in order.
+///
+/// Writes queued in the background that fail are counted in `background_failures`.
 pub struct RedisReplay {
     ops: mpsc::Sender<Op>,
     timeout: Duration,
@@ -65,7 +76,12 @@ pub struct RedisReplay {
 impl RedisReplay {
     /// Starts the batching task; does not connect yet: ingress starts while Redis is down.
     /// Must be called inside a Tokio runtime. The task ends when the store is dropped.
-    pub fn start(url: &str, prefix: &str, timeout: Duration) -> Result<Self, ReplayError> {
+    pub fn start(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        background_failures: Counter,
+    ) -> Result<Self, ReplayError> {
         let client = redis::Client::open(url).map_err(|e| ReplayError::Redis(e.to_string()))?;
         // Bounded: when Redis stalls, further requests are answered with an error at once
         // (and publish without the check) instead of growing memory.
@@ -75,6 +91,7 @@ impl RedisReplay {
             prefix: prefix.to_owned(),
             timeout,
             connection: None,
+            background_failures,
         };
         tokio::spawn(batcher.run(queue));
         Ok(Self { ops, timeout })
@@ -87,6 +104,15 @@ impl RedisReplay {
         op: Op,
         answer: oneshot::Receiver<Result<T, ReplayError>>,
     ) -> Result<T, ReplayError> {
+        self.queue(op)?;
+        match tokio::time::timeout(self.timeout, answer).await {
+            Err(_) => Err(ReplayError::Timeout(self.timeout)),
+            Ok(Err(_)) => Err(ReplayError::Redis("the replay memory stopped".into())),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    fn queue(&self, op: Op) -> Result<(), ReplayError> {
         self.ops.try_send(op).map_err(|error| match error {
             mpsc::error::TrySendError::Full(_) => {
                 ReplayError::Redis("too many replay checks waiting".into())
@@ -94,12 +120,7 @@ impl RedisReplay {
             mpsc::error::TrySendError::Closed(_) => {
                 ReplayError::Redis("the replay memory stopped".into())
             }
-        })?;
-        match tokio::time::timeout(self.timeout, answer).await {
-            Err(_) => Err(ReplayError::Timeout(self.timeout)),
-            Ok(Err(_)) => Err(ReplayError::Redis("the replay memory stopped".into())),
-            Ok(Ok(result)) => result,
-        }
+        })
     }
 }
 
@@ -125,9 +146,17 @@ impl ReplayStore for RedisReplay {
             let op = Op::Remember {
                 key: key.to_owned(),
                 seconds: ttl.as_secs().max(1),
-                reply,
+                reply: Some(reply),
             };
             self.ask(op, answer).await
+        })
+    }
+
+    fn remember_in_background(&self, key: &str, ttl: Duration) -> Result<(), ReplayError> {
+        self.queue(Op::Remember {
+            key: key.to_owned(),
+            seconds: ttl.as_secs().max(1),
+            reply: None,
         })
     }
 }
@@ -138,6 +167,7 @@ struct Batcher {
     prefix: String,
     timeout: Duration,
     connection: Option<ConnectionManager>,
+    background_failures: Counter,
 }
 
 impl Batcher {
@@ -203,17 +233,28 @@ impl Batcher {
             }
             Err(error) => Err(error),
         };
+        let mut unheard = None;
         match result {
             Ok(values) => {
                 for (op, value) in batch.drain(..).zip(values) {
-                    op.answer(Ok(&value));
+                    if let Err(error) = op.answer(Ok(&value)) {
+                        self.background_failures.inc();
+                        unheard = Some(error);
+                    }
                 }
             }
             Err(error) => {
                 for op in batch.drain(..) {
-                    op.answer(Err(&error));
+                    if op.answer(Err(&error)).is_err() {
+                        self.background_failures.inc();
+                        unheard = Some(error.clone());
+                    }
                 }
             }
+        }
+        // One line per pipeline, not per key: a Redis outage must not flood the log.
+        if let Some(error) = unheard {
+            tracing::warn!(%error, "cannot remember token ids; a replay of them would be published again");
         }
     }
 }
@@ -221,15 +262,25 @@ impl Batcher {
 impl Op {
     /// Sends this operation its answer: Redis's reply to its command, or the error that failed
     /// the whole pipeline. A caller that gave up (timeout, dropped request) no longer listens.
-    fn answer(self, reply_or_error: Result<&redis::RedisResult<Value>, &ReplayError>) {
+    /// Returns the error of a background write, which has nobody to send it to.
+    fn answer(
+        self,
+        reply_or_error: Result<&redis::RedisResult<Value>, &ReplayError>,
+    ) -> Result<(), ReplayError> {
         match self {
             Op::Seen { reply, .. } => {
                 let _ = reply.send(reply_or_error.map_err(Clone::clone).and_then(exists_answer));
             }
-            Op::Remember { reply, .. } => {
+            Op::Remember {
+                reply: Some(reply), ..
+            } => {
                 let _ = reply.send(reply_or_error.map_err(Clone::clone).and_then(set_answer));
             }
+            Op::Remember { reply: None, .. } => {
+                reply_or_error.map_err(Clone::clone).and_then(set_answer)?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -279,5 +330,14 @@ impl ReplayStore for MemoryReplay {
             keys.insert(key.to_owned(), Instant::now() + ttl);
             Ok(())
         })
+    }
+
+    fn remember_in_background(&self, key: &str, ttl: Duration) -> Result<(), ReplayError> {
+        let mut keys = self
+            .keys
+            .lock()
+            .map_err(|_| ReplayError::Redis("poisoned".into()))?;
+        keys.insert(key.to_owned(), Instant::now() + ttl);
+        Ok(())
     }
 }

@@ -7,13 +7,20 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use prometheus_client::metrics::counter::Counter;
 use shopctrl_ingress::replay::{RedisReplay, ReplayStore};
 use shopctrl_testkit::TestRedis;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_checks_and_remembers_each_get_their_own_answer() {
     let redis = TestRedis::create().await;
-    let store = RedisReplay::start(redis.url(), redis.prefix(), Duration::from_secs(5)).unwrap();
+    let store = RedisReplay::start(
+        redis.url(),
+        redis.prefix(),
+        Duration::from_secs(5),
+        Counter::default(),
+    )
+    .unwrap();
 
     // Every third key remembered, each with its own lifetime, all at once.
     let remembered = join_all((0..900u64).filter(|i| i % 3 == 0).map(|i| {
@@ -71,6 +78,19 @@ async fn concurrent_checks_and_remembers_each_get_their_own_answer() {
     );
     assert!(!first.unwrap());
     assert!(second.unwrap());
+
+    // A write nobody waits for is still applied before any check queued after it.
+    for i in 0..300u64 {
+        store
+            .remember_in_background(&format!("background:jti:{i}"), Duration::from_secs(30))
+            .unwrap();
+    }
+    let checks = join_all((0..300u64).map(|i| {
+        let store = &store;
+        async move { store.seen(&format!("background:jti:{i}")).await }
+    }))
+    .await;
+    assert!(checks.into_iter().all(|seen| seen.unwrap()));
 }
 
 /// A private redis-server (this test reconfigures it), killed when dropped.
@@ -119,7 +139,14 @@ async fn a_refused_remember_does_not_fail_the_checks_sent_with_it() {
     // Out of memory for every write; reads still answer.
     let redis =
         PrivateRedis::start(&["--maxmemory", "1", "--maxmemory-policy", "noeviction"]).await;
-    let store = RedisReplay::start(&redis.url, "private:", Duration::from_secs(5)).unwrap();
+    let failures = Counter::default();
+    let store = RedisReplay::start(
+        &redis.url,
+        "private:",
+        Duration::from_secs(5),
+        failures.clone(),
+    )
+    .unwrap();
     let answers = join_all((0..200u64).map(|i| {
         let store = &store;
         async move {
@@ -145,6 +172,21 @@ async fn a_refused_remember_does_not_fail_the_checks_sent_with_it() {
             assert!(error.to_string().contains("OOM"), "{error}");
         }
     }
+    assert_eq!(
+        failures.get(),
+        0,
+        "every refused write was answered to its caller"
+    );
+
+    // Refused writes nobody waits for are counted instead.
+    for i in 0..5 {
+        store
+            .remember_in_background(&format!("b{i}"), Duration::from_secs(10))
+            .unwrap();
+    }
+    // A check queued after them comes back only after their pipeline was answered.
+    assert!(!store.seen("b0").await.unwrap());
+    assert_eq!(failures.get(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,6 +196,7 @@ async fn an_unreachable_redis_answers_errors_quickly() {
         "redis://127.0.0.1:1/",
         "unreachable:",
         Duration::from_millis(300),
+        Counter::default(),
     )
     .unwrap();
     // A hang guard, not a timing check: without an answer the request would wait forever.

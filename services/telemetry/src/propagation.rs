@@ -1,7 +1,5 @@
 //! W3C trace context (`traceparent`, `tracestate`) in and out of message headers.
 
-use std::collections::HashMap;
-
 use opentelemetry::{
     Context,
     propagation::{Extractor, Injector},
@@ -16,15 +14,20 @@ impl Injector for MapInjector<'_> {
     }
 }
 
-struct MapExtractor<'a>(&'a HashMap<String, String>);
+/// Borrowed header pairs: a propagator asks for two or three names, so a scan with a
+/// case-insensitive compare is cheaper than building a map of every header of a request.
+struct PairsExtractor<'a>(&'a [(&'a str, &'a str)]);
 
-impl Extractor for MapExtractor<'_> {
+impl Extractor for PairsExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
+        self.0
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(key))
+            .map(|(_, value)| *value)
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(String::as_str).collect()
+        self.0.iter().map(|(name, _)| *name).collect()
     }
 }
 
@@ -41,12 +44,9 @@ pub fn inject_current() -> Vec<(String, String)> {
 
 /// The remote context carried by header pairs (names compared case-insensitively).
 pub fn extract_context<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Context {
-    let map: HashMap<String, String> = headers
-        .into_iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
-        .collect();
+    let pairs: Vec<(&str, &str)> = headers.into_iter().collect();
     opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&MapExtractor(&map))
+        propagator.extract(&PairsExtractor(&pairs))
     })
 }
 
@@ -64,6 +64,10 @@ pub fn set_parent_from_headers<'a>(
     span: &tracing::Span,
     headers: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) {
+    // A span filtered out by the log level records nothing: skip reading the headers.
+    if span.is_disabled() {
+        return;
+    }
     let context = extract_context(headers);
     // An error only means the span is disabled; nothing to propagate then.
     let _ = span.set_parent(context);
