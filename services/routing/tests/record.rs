@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use common::{Env, Msg, SHOP, as_employee, eventually, shop, status_name};
 use shopctrl_proto::v1::{
     CloseConversationRequest, ConversationState, DialogFilter, GetConversationRequest,
-    GetLinkedHistoryRequest, HistoryLink, LinkConversationRequest, ListDialogsRequest,
-    ListMessagesRequest, MessageStatus, PageRequest, UnassignedReason, history_link::Target,
+    GetLinkedHistoryRequest, HistoryLink, InboundWebhookEvent, LinkConversationRequest,
+    ListDialogsRequest, ListMessagesRequest, MessageStatus, PageRequest, UnassignedReason,
+    history_link::Target,
 };
 use shopctrl_routing::consumer::{CommitHook, Committed};
 use tonic::Code;
@@ -638,39 +639,17 @@ async fn dialogs_and_messages_page_newest_activity_first() {
     assert!(second.page.unwrap().next_page_token.is_empty());
 }
 
-/// Events queued before routing starts arrive as one or a few batches, whose writes are made
-/// together at the end: later events of a batch must still see what earlier ones wrote.
-#[tokio::test]
-async fn a_batch_applies_its_events_as_if_one_by_one() {
-    use shopctrl_routing::consumer::{CommitHook, Committed};
-    use std::sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    };
-
-    let mut env = Env::prepare(shop(true, false), 1).await;
-    // Before the batch: an agent message, whose status the batch then moves twice.
-    let before = env.spawn(None, None).await;
-    env.publish(&Msg::sent("mbconv-b0", "pre-agent", "stored earlier").event())
-        .await;
-    eventually(20, "the earlier message", || async {
-        (env.count("select count(*) from messages where messagebird_message_id = 'pre-agent'")
-            .await
-            == 1)
-            .then_some(())
-    })
-    .await;
-    before.stop().await;
-
-    let t0 = chrono::Utc::now() - chrono::Duration::minutes(10);
-    let at = |seconds: i64| t0 + chrono::Duration::seconds(seconds);
+/// The batch of the two batch tests, to be applied after an agent message (`pre-agent` of
+/// `mbconv-b0`) was stored: a bot message before the customer's first one, its status moved
+/// within the batch (once backwards, ignored), customer messages out of time order with a
+/// duplicate, the earlier agent message moved forward (not back), and a bot message after the
+/// conversation exists.
+fn batch_events(at: impl Fn(i64) -> chrono::DateTime<chrono::Utc>) -> Vec<InboundWebhookEvent> {
     let mut batch = Vec::new();
-    // A bot message before the customer's first one: stored without a conversation, then
-    // attached to the one the customer's message creates.
+    // Stored without a conversation, then attached to the one the customer's message creates.
     let mut bot = Msg::sent("mbconv-b1", "bot-1", "Hi, how can we help?");
     bot.created_at = at(0);
     batch.push(bot.event());
-    // Its status moves within the batch, once backwards (ignored).
     for status in ["delivered", "read", "delivered"] {
         let mut update = Msg::sent("mbconv-b1", "bot-1", "Hi, how can we help?");
         update.created_at = at(0);
@@ -678,7 +657,7 @@ async fn a_batch_applies_its_events_as_if_one_by_one() {
         update.webhook_type = "message.updated";
         batch.push(update.event());
     }
-    // Customer messages out of time order; a duplicate of the first.
+    // The first starts the conversation; the others must find it in the batch.
     for (id, seconds, text) in [
         ("c-1", 1, "first"),
         ("c-2", 3, "latest"),
@@ -691,49 +670,36 @@ async fn a_batch_applies_its_events_as_if_one_by_one() {
     let mut duplicate = Msg::received("mbconv-b1", "c-1", "first");
     duplicate.created_at = at(1);
     batch.push(duplicate.event());
-    // The message stored before the batch moves forward, and not back.
     for status in ["delivered", "read", "sent"] {
         let mut update = Msg::sent("mbconv-b0", "pre-agent", "stored earlier");
         update.status = status;
         update.webhook_type = "message.updated";
         batch.push(update.event());
     }
-    // A bot message after the conversation exists joins it at once.
+    // Joins the conversation at once.
     let mut later_bot = Msg::sent("mbconv-b1", "bot-2", "Someone will be with you");
     later_bot.created_at = at(4);
     batch.push(later_bot.event());
-    for event in &batch {
-        env.publish(event).await;
-    }
+    batch
+}
 
-    let largest = Arc::new(AtomicUsize::new(0));
-    let hook: CommitHook = {
-        let largest = largest.clone();
-        Arc::new(move |committed: &Committed| {
-            let before = largest.fetch_max(committed.received_at.len(), Ordering::SeqCst);
-            if before == 0 {
-                // A batch is what is already prefetched. On a slow machine the first
-                // deliveries can trickle in one at a time; holding the first commit a moment
-                // lets the rest arrive (the client's I/O thread keeps receiving), so the next
-                // batch holds several events, which is what this test is about.
-                std::thread::sleep(std::time::Duration::from_millis(500));
-            }
-        })
-    };
-    let service = env.spawn(None, Some(hook)).await;
-    env.services.push(service);
-    eventually(30, "the last bot message", || async {
-        (env.count("select count(*) from messages where messagebird_message_id = 'bot-2'")
+/// Stores the agent message the batch moves, through a running replica.
+async fn store_agent_message_before_the_batch(env: &Env) {
+    let before = env.spawn(None, None).await;
+    env.publish(&Msg::sent("mbconv-b0", "pre-agent", "stored earlier").event())
+        .await;
+    eventually(20, "the earlier message", || async {
+        (env.count("select count(*) from messages where messagebird_message_id = 'pre-agent'")
             .await
             == 1)
             .then_some(())
     })
     .await;
-    assert!(
-        largest.load(Ordering::SeqCst) > 1,
-        "the queued events were applied in batches"
-    );
+    before.stop().await;
+}
 
+/// The record after [`batch_events`], however the batch was split.
+async fn assert_batch_outcome(env: &Env, at: impl Fn(i64) -> chrono::DateTime<chrono::Utc>) {
     assert_eq!(env.count("select count(*) from messages").await, 6);
     assert_eq!(
         env.count(
@@ -791,7 +757,114 @@ async fn a_batch_applies_its_events_as_if_one_by_one() {
         window_message, "c-2",
         "the latest customer message starts the window"
     );
+}
+
+/// Events queued before routing starts arrive as one or a few batches, whose writes are made
+/// together at the end: later events of a batch must still see what earlier ones wrote.
+#[tokio::test]
+async fn a_batch_applies_its_events_as_if_one_by_one() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let mut env = Env::prepare(shop(true, false), 1).await;
+    store_agent_message_before_the_batch(&env).await;
+    let t0 = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let at = |seconds: i64| t0 + chrono::Duration::seconds(seconds);
+    for event in &batch_events(at) {
+        env.publish(event).await;
+    }
+
+    let largest = Arc::new(AtomicUsize::new(0));
+    let hook: CommitHook = {
+        let largest = largest.clone();
+        Arc::new(move |committed: &Committed| {
+            let before = largest.fetch_max(committed.received_at.len(), Ordering::SeqCst);
+            if before == 0 {
+                // A batch is what is already prefetched. On a slow machine the first
+                // deliveries can trickle in one at a time; holding the first commit a moment
+                // lets the rest arrive (the client's I/O thread keeps receiving), so the next
+                // batch holds several events, which is what this test is about.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        })
+    };
+    let service = env.spawn(None, Some(hook)).await;
+    env.services.push(service);
+    eventually(30, "the last bot message", || async {
+        (env.count("select count(*) from messages where messagebird_message_id = 'bot-2'")
+            .await
+            == 1)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        largest.load(Ordering::SeqCst) > 1,
+        "the queued events were applied in batches"
+    );
+    assert_batch_outcome(&env, at).await;
     env.stop_all().await;
+}
+
+/// The same batch applied in one transaction, exactly as a consumer applies what it took from
+/// the queue (one lookup, each event, one flush, the employee events, commit): here the
+/// conversation the first customer message starts is certainly still unwritten when the
+/// later messages of the batch look for it.
+#[tokio::test]
+async fn a_batch_in_one_transaction_finds_the_conversation_it_started() {
+    use shopctrl_routing::{
+        access::{Directory, GrpcConfigSource},
+        ingest::{BatchState, Inbound, Ingestor},
+        store::Sink,
+    };
+
+    // Assign on first message: the conversation the customer starts is one to claim for.
+    let env = Env::prepare(shop(true, false), 1).await;
+    store_agent_message_before_the_batch(&env).await;
+    let t0 = chrono::Utc::now() - chrono::Duration::minutes(10);
+    let at = |seconds: i64| t0 + chrono::Duration::seconds(seconds);
+    let events: Vec<Inbound> = batch_events(at)
+        .into_iter()
+        .map(|event| Inbound::Webhook(Box::new(event)))
+        .collect();
+
+    let source = GrpcConfigSource::new(&env.config_url, "test-routing-token").unwrap();
+    let ingestor = Ingestor {
+        directory: Directory::new(
+            env.pool.clone(),
+            Arc::new(source),
+            std::time::Duration::from_secs(60),
+        ),
+        sink: Sink {
+            names: env.names.clone(),
+        },
+    };
+    let mut tx = env.pool.begin().await.unwrap();
+    let mut state = BatchState::default();
+    ingestor
+        .prefetch(&mut tx, &mut state, &events.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let mut started = Vec::new();
+    for event in &events {
+        let follow_ups = ingestor.apply(&mut tx, &mut state, event).await.unwrap();
+        started.extend(follow_ups.started);
+    }
+    ingestor.flush(&mut tx, &mut state).await.unwrap();
+    ingestor
+        .sink
+        .store_pending(&mut tx, &mut state.events)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(started.len(), 1, "one conversation started: {started:?}");
+    let conversation: uuid::Uuid = sqlx::query_scalar(
+        "select conversation_id from conversations where messagebird_conversation_id = 'mbconv-b1'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(started[0], conversation);
+    assert_batch_outcome(&env, at).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
