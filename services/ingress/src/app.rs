@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config_events::run_config_listener,
+    connections::LimitedListener,
     http::{AppState, HttpConfig, router, system_clock},
     keys::{GrpcShopKeys, KeyCache},
     metrics::Metrics,
@@ -179,6 +180,12 @@ impl App {
                 readiness.set_draining();
             }
         };
+        let listener = LimitedListener::new(
+            listener,
+            settings.max_connections,
+            Duration::from_secs(settings.connection_idle_seconds.max(1)),
+            state.metrics.open_connections.clone(),
+        );
         let server = axum::serve(listener, router(state)).with_graceful_shutdown(draining);
         let server = tokio::spawn(async move { server.await });
         shutdown.cancelled().await;

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod config_events;
+pub mod connections;
 pub mod fake_config;
 pub mod http;
 pub mod keys;

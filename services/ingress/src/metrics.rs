@@ -29,6 +29,7 @@ pub struct Metrics {
     pub refusals: Family<Reason, Counter>,
     pub publish_seconds: Histogram,
     pub in_flight: Gauge,
+    pub open_connections: Gauge,
     pub published: Family<Kind, Counter>,
     pub replays: Counter,
     pub replay_store_errors: Counter,
@@ -46,6 +47,7 @@ impl Metrics {
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
             in_flight: Gauge::default(),
+            open_connections: Gauge::default(),
             published: Family::default(),
             replays: Counter::default(),
             replay_store_errors: Counter::default(),
@@ -71,6 +73,11 @@ impl Metrics {
             "ingress_in_flight",
             "Requests being handled now",
             metrics.in_flight.clone(),
+        );
+        registry.register(
+            "ingress_open_connections",
+            "Connections open on the public listener (at most MAX_CONNECTIONS)",
+            metrics.open_connections.clone(),
         );
         registry.register(
             "ingress_published",

@@ -107,6 +107,13 @@ pub struct Settings {
     /// of accepted requests flat when MessageBird sends faster than the broker confirms.
     #[arg(long, env = "MAX_IN_FLIGHT_REQUESTS", default_value_t = 512)]
     pub max_in_flight_requests: usize,
+    /// Connections served at once on the public listener; more wait in the accept backlog.
+    /// Each open connection holds about 23 KiB, so this bounds the memory connections take.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// A connection that moves no byte for this long while waiting for a request is closed.
+    #[arg(long, env = "CONNECTION_IDLE_SECONDS", default_value_t = 60)]
+    pub connection_idle_seconds: u64,
     /// Longest wait for in-flight requests at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
     pub shutdown_grace_seconds: u64,

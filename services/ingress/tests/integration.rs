@@ -2,7 +2,8 @@
 //! service reached through ingress's real gRPC client: exactly-once arrival with the right
 //! properties and headers, 503 (and nothing published) when the broker is cut or the exchange
 //! is missing or nothing is bound, key changes through ConfigChanged without restart, cached
-//! keys during a config outage, readiness and graceful shutdown.
+//! keys during a config outage, readiness and graceful shutdown; connections beyond the limit
+//! wait, and idle ones are closed.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // tests fail loudly
 
@@ -61,6 +62,15 @@ struct Stack {
 impl Stack {
     /// Starts ingress; `amqp_url` lets a test put a proxy between ingress and the broker.
     async fn start(amqp_url: Option<String>, bind_queue: bool) -> Self {
+        Self::start_with(amqp_url, bind_queue, |_| {}).await
+    }
+
+    /// Like [`Stack::start`], with settings adjusted by `adjust`.
+    async fn start_with(
+        amqp_url: Option<String>,
+        bind_queue: bool,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Self {
         tracing_with_otel();
         let amqp = TestAmqp::create().await;
         let redis = TestRedis::create().await;
@@ -98,6 +108,7 @@ impl Stack {
         settings.routing_shards = SHARDS;
         settings.publish_confirm_timeout_ms = 2_000;
         settings.shutdown_grace_seconds = 5;
+        adjust(&mut settings);
         let app = App::build(settings).await.expect("ingress builds");
         let http = format!("http://{}", app.http_addr().expect("addr"));
         let ops = format!("http://{}", app.ops_addr().expect("addr"));
@@ -437,5 +448,81 @@ async fn key_change_takes_effect_through_config_changed_and_outage_serves_cache(
         200,
         "a config outage alone does not make ingress unready"
     );
+    stack.stop().await;
+}
+
+/// Sends a request ingress answers without the broker (415: wrong content type) on `stream`.
+async fn send_refused_request(stream: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt as _;
+    stream
+        .write_all(
+            b"POST /webhooks/messagebird/s1 HTTP/1.1\r\nHost: ingress\r\n\
+              Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        .await
+        .expect("request sent");
+}
+
+/// Reads until the connection yields something (an answer's first bytes) or ends (empty).
+async fn read_some(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+        .await
+        .expect("an answer or the end of the connection (hang guard)")
+        .unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_and_idle_ones_are_closed() {
+    let stack = Stack::start_with(None, true, |settings| {
+        settings.max_connections = 2;
+        settings.connection_idle_seconds = 1;
+    })
+    .await;
+    let addr = stack.http.trim_start_matches("http://").to_owned();
+    // Two connections, one answered request each, then idle: they hold both places.
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        send_refused_request(&mut stream).await;
+        let answer = read_some(&mut stream).await;
+        assert!(answer.starts_with(b"HTTP/1.1 415"), "{answer:?}");
+        idle.push(stream);
+    }
+    // A third is taken into the kernel's backlog, but not served while both places are held.
+    let mut third = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    send_refused_request(&mut third).await;
+    let mut early = [0u8; 64];
+    let waited = tokio::time::timeout(Duration::from_millis(300), third.peek(&mut early)).await;
+    assert!(
+        waited.is_err(),
+        "answered while both places were held by idle connections"
+    );
+    // The idle connections are closed after a second without a byte; the third is then served.
+    for stream in &mut idle {
+        assert!(
+            read_some(stream).await.is_empty(),
+            "an idle connection stays open"
+        );
+    }
+    let answer = read_some(&mut third).await;
+    assert!(answer.starts_with(b"HTTP/1.1 415"), "{answer:?}");
+    let metrics = reqwest::get(format!("{}/metrics", stack.ops))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let open: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("ingress_open_connections "))
+        .expect("the open-connections gauge")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1.0..=2.0).contains(&open), "open connections: {open}");
     stack.stop().await;
 }
