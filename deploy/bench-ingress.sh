@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Ingress benchmark: the real ingress (release build) on loopback against the local RabbitMQ and
 # Redis, loaded by wrk with genuine signed webhooks (one pre-signed JWT with a unique jti per
-# request), next to two reference points measured in the same run:
+# request), next to three reference points measured in the same run:
 #   plain   - a minimal HTTP server that reads the body and answers 200 (no verification, no publish)
 #   bare    - a bare confirmed publisher (the shared Publisher) with the same number in flight,
 #             publishing the same protobuf events straight to RabbitMQ
+#   ceiling - the broker alone in the reference setup (1 KiB messages, one quorum queue, 256
+#             unconfirmed, no HTTP), with its CPU time per message
 # and an open-loop run at a fixed rate (`mb-simulator rate`: each request starts on its
 # schedule, latency counted from that schedule) for the latency target at 5,000 webhooks/s.
 # The config service is replaced by `ingress-bench fake-config` (ingress reaches it through its
@@ -174,16 +176,24 @@ BARE_RPS=$(echo "$BARE_JSON" | python3 -c 'import json,sys; print(int(json.load(
 BARE_P50=$(echo "$BARE_JSON" | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["p50_ms"])')
 BARE_P99=$(echo "$BARE_JSON" | python3 -c 'import json,sys; print("%.2f" % json.load(sys.stdin)["p99_ms"])')
 
+echo "broker ceiling in the reference setup (1 KiB, one quorum queue, 256 unconfirmed)..."
+BROKER_PID=$(pgrep -o -f 'beam.smp.*rabbit boot' || true)
+CEIL_JSON=$("$BIN/ingress-bench" broker-ceiling --amqp-url "$AMQP_URL" --prefix "$PREFIX" \
+  --count 50000 ${BROKER_PID:+--broker-pid "$BROKER_PID"})
+CEIL_RPS=$(echo "$CEIL_JSON" | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["rate"]))')
+CEIL_US=$(echo "$CEIL_JSON" | python3 -c 'import json,sys; v=json.load(sys.stdin)["broker_cpu_us_per_message"]; print("n/a" if v is None else "%.0f" % v)')
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 echo
 echo "## Ingress benchmark $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(uname -r)), load avg before: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '| run | req/s | p50 ms | p99 ms | notes |\n|---|---|---|---|---|\n'
 printf '| plain HTTP server (no verify, no publish), %s conns | %s | %s | %s | ceiling of HTTP + wrk on this box |\n' "$CONNECTIONS" "$PLAIN_RPS" "$PLAIN_P50" "$PLAIN_P99"
 printf '| bare confirmed publisher, %s in flight | %s | %s | %s | ceiling of RabbitMQ confirms (quorum, 4 shard queues) |\n' "$CONNECTIONS" "$BARE_RPS" "$BARE_P50" "$BARE_P99"
+printf '| broker ceiling, reference setup (1 KiB, no properties, 1 quorum queue, 256 unconfirmed) | %s | | | broker CPU %s us per confirmed message |\n' "$CEIL_RPS" "$CEIL_US"
 printf '| **ingress**, verified webhooks, %s conns | **%s** | %s | %s | non-2xx %s; published %s; replays %s; peak RSS %s MiB; ingress CPU %s us per published webhook |\n' "$CONNECTIONS" "$ING_RPS" "$ING_P50" "$ING_P99" "$ING_NON2XX" "$PUBLISHED" "$REPLAYS" "$RSS_MIB" "$CPU_US"
 printf '| ingress at %s/s offered, open loop (latency from each request'"'"'s scheduled start) | %s | %s | **%s** | non-2xx or failed %s (refused as overloaded %s); late starts %s; peak RSS %s MiB (own ingress process) |\n' "$RATE" "$RATE_RPS" "$RATE_P50" "$RATE_P99" "$RATE_NON2XX" "$RATE_REFUSED" "$RATE_LATE" "$RATE_RSS_MIB"
 echo
-echo "ratios: ingress/plain = $(ratio "$ING_RPS" "$PLAIN_RPS"), ingress/bare publisher = $(ratio "$ING_RPS" "$BARE_RPS")"
+echo "ratios: ingress/plain = $(ratio "$ING_RPS" "$PLAIN_RPS"), ingress/bare publisher = $(ratio "$ING_RPS" "$BARE_RPS"), ingress/broker ceiling = $(ratio "$ING_RPS" "$CEIL_RPS")"
 REFUSED=$( (curl -s "http://127.0.0.1:$OPS_PORT/metrics" || true) | awk '/^ingress_refusals_total\{/ { printf "%s%s", sep, $0; sep = "; " }')
 echo "refusals in the full-load run: ${REFUSED:-none}"
 echo "targets: >= 20000 verified/s: $ING_RPS; p99 < 15 ms at ~$RATE/s: $RATE_P99 ms (at $RATE_RPS/s); RSS < 64 MiB at full load: $RSS_MIB MiB ($RATE_RSS_MIB MiB in the open-loop run)"

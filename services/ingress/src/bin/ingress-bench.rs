@@ -1,7 +1,9 @@
 //! `ingress-bench`: the helpers of `deploy/bench-ingress.sh`. A fake config service (so the
 //! benchmark needs no database), pre-signed request files for wrk, the two reference points
 //! measured in the same run (a minimal HTTP server that neither verifies nor publishes, and a
-//! bare confirmed publisher with the same number of messages in flight), and the bench topology.
+//! bare confirmed publisher with the same number of messages in flight), the broker's own
+//! ceiling in the reference setup (a sliding window of confirms, no HTTP, no protobuf), and the
+//! bench topology.
 
 use std::{
     net::SocketAddr,
@@ -99,6 +101,30 @@ enum Cmd {
         #[arg(long)]
         bodies: std::path::PathBuf,
     },
+    /// The broker's ceiling in the reference setup: `count` persistent messages of `size`
+    /// bytes, no properties, at most `window` unconfirmed on one channel, spread over `queues`
+    /// quorum queues that it declares under the prefix (purged first) and deletes. With
+    /// `broker_pid`, also the broker's CPU time per message (read from /proc). Prints JSON.
+    BrokerCeiling {
+        #[arg(
+            long,
+            env = "AMQP_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
+        amqp_url: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        queues: usize,
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        #[arg(long, default_value_t = 50_000)]
+        count: usize,
+        #[arg(long)]
+        broker_pid: Option<u32>,
+    },
 }
 
 #[tokio::main]
@@ -189,13 +215,14 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let names = Names::new(prefix);
             let conn = shopctrl_amqp::connect(&amqp_url, "ingress-bench-teardown").await?;
-            for shard in 0..shards {
+            // The shard queues, and the queue `broker-ceiling` left if it was interrupted.
+            let queues = (0..shards)
+                .map(|shard| names.inbound_shard_queue(shard))
+                .chain((0..CEILING_QUEUES_DELETED).map(|i| ceiling_queue(names.prefix(), i)));
+            for queue in queues {
                 let channel = conn.create_channel().await?;
                 let _ = channel
-                    .queue_delete(
-                        names.inbound_shard_queue(shard).as_str().into(),
-                        QueueDeleteOptions::default(),
-                    )
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await;
             }
             // Every exchange a service declares under the prefix (ingress declares the config
@@ -225,7 +252,159 @@ async fn main() -> anyhow::Result<()> {
         } => {
             bare_publish(&amqp_url, &prefix, shards, concurrency, seconds, &bodies).await?;
         }
+        Cmd::BrokerCeiling {
+            amqp_url,
+            prefix,
+            size,
+            queues,
+            window,
+            count,
+            broker_pid,
+        } => {
+            broker_ceiling(
+                &amqp_url,
+                &prefix,
+                Shape {
+                    size,
+                    queues: queues.max(1),
+                    window: window.max(1),
+                    count,
+                },
+                broker_pid,
+            )
+            .await?;
+        }
     }
+    Ok(())
+}
+
+/// How many of `broker-ceiling`'s queues `teardown` deletes (more are never used here).
+const CEILING_QUEUES_DELETED: usize = 8;
+
+fn ceiling_queue(prefix: &str, i: usize) -> String {
+    format!("{prefix}ceiling.{i}")
+}
+
+/// What `broker-ceiling` publishes.
+struct Shape {
+    size: usize,
+    queues: usize,
+    window: usize,
+    count: usize,
+}
+
+/// User and system CPU time of a process, in clock ticks (USER_HZ, 100 per second on Linux).
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unexpected /proc stat format")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(i)
+            .context("unexpected /proc stat format")?
+            .parse()?)
+    };
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    Ok(field(11)? + field(12)?)
+}
+
+async fn broker_ceiling(
+    url: &str,
+    prefix: &str,
+    shape: Shape,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<()> {
+    use futures::stream::{FuturesUnordered, StreamExt as _};
+    use lapin::{
+        BasicProperties,
+        options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions},
+    };
+
+    let conn = shopctrl_amqp::connect(url, "ingress-bench-ceiling").await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString("quorum".into()),
+    );
+    let names: Vec<String> = (0..shape.queues)
+        .map(|i| ceiling_queue(prefix, i))
+        .collect();
+    for name in &names {
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args.clone(),
+            )
+            .await?;
+        channel
+            .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
+            .await?;
+    }
+    let payload = vec![b'x'; shape.size];
+    let before = broker_pid.map(cpu_ticks).transpose()?;
+    let started = Instant::now();
+    let mut unconfirmed = FuturesUnordered::new();
+    let mut failed = 0u64;
+    for i in 0..shape.count {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                names[i % names.len()].as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        unconfirmed.push(confirm);
+        while unconfirmed.len() >= shape.window {
+            if let Some(confirmation) = unconfirmed.next().await
+                && !matches!(confirmation, Ok(lapin::Confirmation::Ack(None)))
+            {
+                failed += 1;
+            }
+        }
+    }
+    while let Some(confirmation) = unconfirmed.next().await {
+        if !matches!(confirmation, Ok(lapin::Confirmation::Ack(None))) {
+            failed += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let after = broker_pid.map(cpu_ticks).transpose()?;
+    for name in &names {
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "ok".into()).await;
+    let broker_us = before
+        .zip(after)
+        .map(|(b, a)| (a.saturating_sub(b)) as f64 * 10_000.0 / shape.count.max(1) as f64);
+    println!(
+        "{}",
+        serde_json::json!({
+            "size": shape.size,
+            "queues": shape.queues,
+            "window": shape.window,
+            "confirmed": shape.count as u64 - failed,
+            "failed": failed,
+            "seconds": seconds,
+            "rate": shape.count as f64 / seconds,
+            "broker_cpu_us_per_message": broker_us,
+        })
+    );
     Ok(())
 }
 
