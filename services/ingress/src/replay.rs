@@ -322,14 +322,8 @@ impl ReplayStore for MemoryReplay {
         key: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), ReplayError>> {
-        Box::pin(async move {
-            let mut keys = self
-                .keys
-                .lock()
-                .map_err(|_| ReplayError::Redis("poisoned".into()))?;
-            keys.insert(key.to_owned(), Instant::now() + ttl);
-            Ok(())
-        })
+        // In process, the write is done at once either way.
+        Box::pin(async move { self.remember_in_background(key, ttl) })
     }
 
     fn remember_in_background(&self, key: &str, ttl: Duration) -> Result<(), ReplayError> {

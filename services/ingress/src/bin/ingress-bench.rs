@@ -34,6 +34,19 @@ struct Cli {
     command: Cmd,
 }
 
+/// Where the benchmark's broker objects are: the broker, and the prefix of their names.
+#[derive(clap::Args)]
+struct Broker {
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    #[arg(long)]
+    prefix: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve ConfigInternalService.GetIngressShop for one shop until SIGTERM.
@@ -54,14 +67,8 @@ enum Cmd {
     },
     /// Declare the inbound exchange and N bounded quorum shard queues under a prefix.
     Setup {
-        #[arg(
-            long,
-            env = "AMQP_URL",
-            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-        )]
-        amqp_url: String,
-        #[arg(long)]
-        prefix: String,
+        #[command(flatten)]
+        broker: Broker,
         #[arg(long, default_value_t = 4)]
         shards: u16,
         /// Oldest messages are dropped past this length, so the broker's memory stays bounded.
@@ -70,28 +77,16 @@ enum Cmd {
     },
     /// Delete what `setup` declared.
     Teardown {
-        #[arg(
-            long,
-            env = "AMQP_URL",
-            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-        )]
-        amqp_url: String,
-        #[arg(long)]
-        prefix: String,
+        #[command(flatten)]
+        broker: Broker,
         #[arg(long, default_value_t = 4)]
         shards: u16,
     },
     /// Publish the same events ingress publishes, with confirms, `concurrency` in flight on
     /// one shared channel (the shared Publisher), for `seconds`; prints JSON.
     BarePublish {
-        #[arg(
-            long,
-            env = "AMQP_URL",
-            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-        )]
-        amqp_url: String,
-        #[arg(long)]
-        prefix: String,
+        #[command(flatten)]
+        broker: Broker,
         #[arg(long, default_value_t = 4)]
         shards: u32,
         #[arg(long, default_value_t = 64)]
@@ -106,14 +101,8 @@ enum Cmd {
     /// quorum queues that it declares under the prefix (purged first) and deletes. With
     /// `broker_pid`, also the broker's CPU time per message (read from /proc). Prints JSON.
     BrokerCeiling {
-        #[arg(
-            long,
-            env = "AMQP_URL",
-            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-        )]
-        amqp_url: String,
-        #[arg(long)]
-        prefix: String,
+        #[command(flatten)]
+        broker: Broker,
         #[arg(long, default_value_t = 1024)]
         size: usize,
         #[arg(long, default_value_t = 1)]
@@ -165,8 +154,7 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
         }
         Cmd::Setup {
-            amqp_url,
-            prefix,
+            broker: Broker { amqp_url, prefix },
             shards,
             max_length,
         } => {
@@ -209,8 +197,7 @@ async fn main() -> anyhow::Result<()> {
             let _ = conn.close(200, "ok".into()).await;
         }
         Cmd::Teardown {
-            amqp_url,
-            prefix,
+            broker: Broker { amqp_url, prefix },
             shards,
         } => {
             let names = Names::new(prefix);
@@ -243,8 +230,7 @@ async fn main() -> anyhow::Result<()> {
             let _ = conn.close(200, "ok".into()).await;
         }
         Cmd::BarePublish {
-            amqp_url,
-            prefix,
+            broker: Broker { amqp_url, prefix },
             shards,
             concurrency,
             seconds,
@@ -253,8 +239,7 @@ async fn main() -> anyhow::Result<()> {
             bare_publish(&amqp_url, &prefix, shards, concurrency, seconds, &bodies).await?;
         }
         Cmd::BrokerCeiling {
-            amqp_url,
-            prefix,
+            broker: Broker { amqp_url, prefix },
             size,
             queues,
             window,
@@ -329,24 +314,11 @@ async fn broker_ceiling(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString("quorum".into()),
-    );
     let names: Vec<String> = (0..shape.queues)
         .map(|i| ceiling_queue(prefix, i))
         .collect();
     for name in &names {
-        channel
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args.clone(),
-            )
+        shopctrl_amqp::declare_queue(&channel, &shopctrl_amqp::QueueSpec::quorum(name.as_str()))
             .await?;
         channel
             .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
