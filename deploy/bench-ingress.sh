@@ -91,6 +91,13 @@ start_ingress() {
 stop_ingress() {
   kill "$INGRESS_PID" 2>/dev/null || true
   wait "$INGRESS_PID" 2>/dev/null || true
+  local kept=() pid
+  for pid in "${PIDS[@]}"; do [[ "$pid" != "$INGRESS_PID" ]] && kept+=("$pid"); done
+  PIDS=("${kept[@]}")
+}
+warm_up() { # dir: a short wrk run with requests of their own (reused tokens would be replays)
+  BENCH_DIR=$1 BENCH_PATH=$PATH_ BENCH_THREADS=$THREADS \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s deploy/bench/ingress-wrk.lua "http://127.0.0.1:$HTTP_PORT" >/dev/null
 }
 watch_rss() { # file: peak resident KiB of the current ingress, until it exits or is killed
   ( peak=0; while kill -0 "$INGRESS_PID" 2>/dev/null; do
@@ -107,8 +114,10 @@ RATE_COUNT=$(( DURATION * RATE * 3 / 2 ))
   --signing-key "$KEY" --count "$FULL_COUNT" --out-dir "$WORK/full"
 "$BIN/mb-simulator" load-files --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
   --signing-key "$KEY" --count "$RATE_COUNT" --out-dir "$WORK/rate"
-"$BIN/mb-simulator" load-files --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
-  --signing-key "$KEY" --count 20000 --out-dir "$WORK/warm"
+for warm in warm warm2; do
+  "$BIN/mb-simulator" load-files --public-base "http://127.0.0.1:$HTTP_PORT" --shop "$SHOP" \
+    --signing-key "$KEY" --count 20000 --out-dir "$WORK/$warm"
+done
 
 metric() { # name pattern -> value (0 when absent)
   curl -s "http://127.0.0.1:$OPS_PORT/metrics" | awk -v p="$1" 'index($0, p) == 1 { v = $2 } END { print (v == "" ? 0 : v) }'
@@ -129,8 +138,7 @@ run_wrk() { # label dir url connections
 }
 
 echo "warm-up..."
-BENCH_DIR=$WORK/warm BENCH_PATH=$PATH_ BENCH_THREADS=$THREADS \
-  wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s deploy/bench/ingress-wrk.lua "http://127.0.0.1:$HTTP_PORT" >/dev/null
+warm_up "$WORK/warm"
 
 echo "plain HTTP server ($CONNECTIONS connections, ${DURATION}s)..."
 read -r PLAIN_RPS PLAIN_P50 PLAIN_P99 _ < <(run_wrk plain "$WORK/full" "http://127.0.0.1:$PLAIN_PORT" "$CONNECTIONS")
@@ -150,6 +158,7 @@ RATE_RSS_MIB=$(awk '{ printf "%.1f", $1 / 1024 }' "$WORK/rate-rss")
 RATE_REFUSED=$(metric 'ingress_refusals_total{reason="overloaded"}')
 stop_ingress
 start_ingress
+warm_up "$WORK/warm2"
 
 echo "ingress at full load ($CONNECTIONS connections, ${DURATION}s)..."
 PUB0=$(metric 'ingress_published_total{kind="webhook"}'); REP0=$(metric 'ingress_replays_total')

@@ -183,7 +183,7 @@ impl App {
         let listener = LimitedListener::new(
             listener,
             settings.max_connections,
-            Duration::from_secs(settings.connection_idle_seconds.max(1)),
+            settings.connection_idle(),
             state.metrics.open_connections.clone(),
         );
         let server = axum::serve(listener, router(state)).with_graceful_shutdown(draining);

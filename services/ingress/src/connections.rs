@@ -2,9 +2,12 @@
 //! of buffers and state whether or not a request is on it, and freed connection memory stays
 //! with the process, so the number open at once, not the request rate, sets the peak memory.
 //! At most `MAX_CONNECTIONS` are served at once; further clients wait in the kernel's accept
-//! backlog until one closes. A connection that moves no byte for `CONNECTION_IDLE_SECONDS`
-//! while waiting for its next request is closed, so idle keep-alive connections cannot hold
-//! every place.
+//! backlog until one closes. A connection that moves no byte for `CONNECTION_IDLE_SECONDS` is
+//! closed, so idle keep-alive connections cannot hold every place. The server keeps reading
+//! while a request is handled, so that limit also applies to a request in progress; it is
+//! never set below the longest a request can wait ([`crate::Settings::connection_idle`]).
+//! A client that sends a byte just before every limit still holds its place: behind a load
+//! balancer that buffers requests (the usual deployment) such clients never reach ingress.
 
 use std::{
     future::Future,

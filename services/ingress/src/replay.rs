@@ -3,8 +3,10 @@
 //! reuses it is answered 200 and not published again.
 //!
 //! The server does not wait for that write: once the broker confirmed, the answer goes out and
-//! the write follows in the next pipeline. Any later check of the same key is queued after it,
-//! so it still sees the key.
+//! the write follows in the next pipeline. Any later check of the same key in this process is
+//! queued after it, so it still sees the key; a replay that reaches another replica within
+//! that moment (about one Redis round trip) is published again, as routing tolerates. Writes
+//! still queued when the process stops are lost the same way.
 //!
 //! The store fails open: when Redis is unreachable the request is published anyway (and the
 //! failure counted), because a replayed event is harmless downstream (routing deduplicates by
@@ -12,14 +14,14 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use futures::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 use redis::{Value, aio::ConnectionManager};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 /// Why the replay store could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -57,6 +59,8 @@ enum Op {
         seconds: u64,
         /// `None` for a write nobody waits for.
         reply: Option<oneshot::Sender<Result<(), ReplayError>>>,
+        /// A background write's place among those queued, given back when it is answered.
+        _place: Option<OwnedSemaphorePermit>,
     },
 }
 
@@ -71,6 +75,9 @@ enum Op {
 pub struct RedisReplay {
     ops: mpsc::Sender<Op>,
     timeout: Duration,
+    /// Background writes queued at most at once: nobody waits for them, so without a bound a
+    /// slow Redis would let them fill the queue that the checks need.
+    background: Arc<Semaphore>,
 }
 
 impl RedisReplay {
@@ -94,7 +101,11 @@ impl RedisReplay {
             background_failures,
         };
         tokio::spawn(batcher.run(queue));
-        Ok(Self { ops, timeout })
+        Ok(Self {
+            ops,
+            timeout,
+            background: Arc::new(Semaphore::new(MAX_BATCH)),
+        })
     }
 
     /// Queues one operation and waits for its answer, at most the Redis timeout in all
@@ -147,16 +158,21 @@ impl ReplayStore for RedisReplay {
                 key: key.to_owned(),
                 seconds: ttl.as_secs().max(1),
                 reply: Some(reply),
+                _place: None,
             };
             self.ask(op, answer).await
         })
     }
 
     fn remember_in_background(&self, key: &str, ttl: Duration) -> Result<(), ReplayError> {
+        let place = self.background.clone().try_acquire_owned().map_err(|_| {
+            ReplayError::Redis("too many token ids waiting to be remembered".into())
+        })?;
         self.queue(Op::Remember {
             key: key.to_owned(),
             seconds: ttl.as_secs().max(1),
             reply: None,
+            _place: Some(place),
         })
     }
 }

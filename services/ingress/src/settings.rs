@@ -111,8 +111,10 @@ pub struct Settings {
     /// Each open connection holds about 23 KiB, so this bounds the memory connections take.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
-    /// A connection that moves no byte for this long while waiting for a request is closed.
-    #[arg(long, env = "CONNECTION_IDLE_SECONDS", default_value_t = 60)]
+    /// A connection that moves no byte for this long is closed. Longer than common load
+    /// balancer idle timeouts (60 s), so the balancer closes first; never shorter than
+    /// [`Settings::connection_idle`] allows.
+    #[arg(long, env = "CONNECTION_IDLE_SECONDS", default_value_t = 75)]
     pub connection_idle_seconds: u64,
     /// Longest wait for in-flight requests at shutdown.
     #[arg(long, env = "SHUTDOWN_GRACE_SECONDS", default_value_t = 20)]
@@ -124,11 +126,40 @@ impl Settings {
         Duration::from_millis(self.publish_confirm_timeout_ms)
     }
 
+    /// The idle limit of a connection. The server also reads while a request is handled (to
+    /// notice a client that went away), so a request that waits on the config service, Redis
+    /// and the broker in turn moves no byte meanwhile: the limit is raised to that longest
+    /// wait plus a second, so it can only close connections nobody is using.
+    pub fn connection_idle(&self) -> Duration {
+        let longest_request = Duration::from_millis(
+            self.config_timeout_ms
+                .saturating_add(self.redis_timeout_ms)
+                .saturating_add(self.publish_confirm_timeout_ms),
+        ) + Duration::from_secs(1);
+        Duration::from_secs(self.connection_idle_seconds).max(longest_request)
+    }
+
     /// Defaults for tests: listeners on port 0, everything else as `--help` says.
     pub fn for_tests() -> Self {
         let mut settings = Cli::parse_from(["ingress"]).settings;
         settings.http_listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.ops_listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idle_limit_never_cuts_a_request_that_is_still_waiting() {
+        let mut settings = Settings::for_tests();
+        assert_eq!(settings.connection_idle(), Duration::from_secs(75));
+        settings.connection_idle_seconds = 1;
+        settings.config_timeout_ms = 2_000;
+        settings.redis_timeout_ms = 250;
+        settings.publish_confirm_timeout_ms = 5_000;
+        assert_eq!(settings.connection_idle(), Duration::from_millis(8_250));
     }
 }

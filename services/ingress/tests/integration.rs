@@ -479,7 +479,11 @@ async fn read_some(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
 async fn connections_beyond_the_limit_wait_and_idle_ones_are_closed() {
     let stack = Stack::start_with(None, true, |settings| {
         settings.max_connections = 2;
-        settings.connection_idle_seconds = 1;
+        // The idle limit is never below the longest a request may wait: short waits here.
+        settings.config_timeout_ms = 500;
+        settings.redis_timeout_ms = 250;
+        settings.publish_confirm_timeout_ms = 1_000;
+        settings.connection_idle_seconds = 3;
     })
     .await;
     let addr = stack.http.trim_start_matches("http://").to_owned();
@@ -501,7 +505,7 @@ async fn connections_beyond_the_limit_wait_and_idle_ones_are_closed() {
         waited.is_err(),
         "answered while both places were held by idle connections"
     );
-    // The idle connections are closed after a second without a byte; the third is then served.
+    // The idle connections are closed after 3 s without a byte; the third is then served.
     for stream in &mut idle {
         assert!(
             read_some(stream).await.is_empty(),

@@ -1,6 +1,7 @@
 //! The Redis replay memory against the real Redis: many requests at once are sent as shared
 //! pipelines, and each still gets the answer for its own key; an unreachable Redis answers
-//! with an error (ingress then publishes without the check) instead of hanging.
+//! with an error (ingress then publishes without the check) instead of hanging; writes nobody
+//! waits for are bounded while Redis stalls.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // tests fail loudly
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use prometheus_client::metrics::counter::Counter;
-use shopctrl_ingress::replay::{RedisReplay, ReplayStore};
+use shopctrl_ingress::replay::{RedisReplay, ReplayError, ReplayStore};
 use shopctrl_testkit::TestRedis;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,4 +213,24 @@ async fn an_unreachable_redis_answers_errors_quickly() {
     .expect("the replay memory must answer, not hang");
     assert!(answers.iter().all(Result::is_err), "{answers:?}");
     assert!(remembered.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_writes_waiting_for_a_stalled_redis_are_bounded() {
+    // Takes connections into its backlog and never answers: every pipeline waits (for the
+    // 2 s timeout), holding its background writes' places.
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}/", stalled.local_addr().unwrap());
+    let store =
+        RedisReplay::start(&url, "stalled:", Duration::from_secs(2), Counter::default()).unwrap();
+    let queued = (0..2_000)
+        .map(|i| store.remember_in_background(&format!("k{i}"), Duration::from_secs(10)))
+        .filter(Result::is_ok)
+        .count();
+    assert_eq!(queued, 512, "background writes queued while Redis stalls");
+    // The checks keep their room in the queue: one is queued, and fails only by its timeout.
+    let check = tokio::time::timeout(Duration::from_secs(30), store.seen("k0"))
+        .await
+        .expect("the check is answered (hang guard)");
+    assert!(matches!(check, Err(ReplayError::Timeout(_))), "{check:?}");
 }

@@ -251,7 +251,8 @@ async fn main() -> anyhow::Result<()> {
                 &prefix,
                 Shape {
                     size,
-                    queues: queues.max(1),
+                    // `teardown` deletes only these, should a run be interrupted.
+                    queues: queues.clamp(1, CEILING_QUEUES_DELETED),
                     window: window.max(1),
                     count,
                 },
@@ -373,7 +374,7 @@ async fn broker_ceiling(
             "confirmed": shape.count as u64 - failed,
             "failed": failed,
             "seconds": seconds,
-            "rate": shape.count as f64 / seconds,
+            "rate": (shape.count as u64 - failed) as f64 / seconds,
             "broker_cpu_us_per_message": broker_us,
         })
     );
