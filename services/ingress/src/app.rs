@@ -22,7 +22,7 @@ use crate::{
     http::{AppState, HttpConfig, router, system_clock},
     keys::{GrpcShopKeys, KeyCache},
     metrics::Metrics,
-    replay::RedisReplay,
+    replay::{RedisReplay, ReplayDrained},
     settings::Settings,
     sink::EventSink,
 };
@@ -35,6 +35,7 @@ pub struct App {
     state: AppState,
     publisher: Publisher,
     readiness: Readiness,
+    replay_drained: Option<ReplayDrained>,
 }
 
 impl App {
@@ -71,13 +72,14 @@ impl App {
             Duration::from_secs(settings.key_cache_ttl_seconds),
             Duration::from_secs(settings.key_cache_negative_ttl_seconds),
         ));
-        let replay = RedisReplay::start(
+        let mut replay = RedisReplay::start(
             &settings.redis_url,
             &settings.redis_key_prefix,
             Duration::from_millis(settings.redis_timeout_ms),
             metrics.replay_store_errors.clone(),
         )
         .context("REDIS_URL")?;
+        let replay_drained = replay.take_drained();
         let state = AppState {
             config: Arc::new(HttpConfig {
                 public_base_url: base,
@@ -116,6 +118,7 @@ impl App {
             state,
             publisher,
             readiness,
+            replay_drained,
         })
     }
 
@@ -142,6 +145,7 @@ impl App {
             state,
             publisher,
             readiness,
+            replay_drained,
         } = self;
         let background = CancellationToken::new();
 
@@ -199,6 +203,18 @@ impl App {
             grace,
         )
         .await;
+        // The server (and with it the last handle on the replay store) is gone once drained:
+        // the token ids still queued are written before the process ends.
+        if drained
+            && let Some(replay) = replay_drained
+            && !replay
+                .wait(Duration::from_millis(
+                    settings.redis_timeout_ms.saturating_mul(4),
+                ))
+                .await
+        {
+            tracing::warn!("token ids still queued for Redis at shutdown were not all written");
+        }
         background.cancel();
         let _ = broker_task.await;
         let _ = listener_task.await;

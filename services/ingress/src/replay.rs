@@ -5,8 +5,8 @@
 //! The server does not wait for that write: once the broker confirmed, the answer goes out and
 //! the write follows in the next pipeline. Any later check of the same key in this process is
 //! queued after it, so it still sees the key; a replay that reaches another replica within
-//! that moment (about one Redis round trip) is published again, as routing tolerates. Writes
-//! still queued when the process stops are lost the same way.
+//! that moment (about one Redis round trip) is published again, as routing tolerates. At
+//! shutdown the server waits (briefly) for the writes still queued ([`ReplayDrained`]).
 //!
 //! The store fails open: when Redis is unreachable the request is published anyway (and the
 //! failure counted), because a replayed event is harmless downstream (routing deduplicates by
@@ -74,6 +74,7 @@ enum Op {
 /// Writes queued in the background that fail are counted in `background_failures`.
 pub struct RedisReplay {
     ops: mpsc::Sender<Op>,
+    drained: Option<ReplayDrained>,
     timeout: Duration,
     /// Background writes queued at most at once: nobody waits for them, so without a bound a
     /// slow Redis would let them fill the queue that the checks need.
@@ -100,9 +101,10 @@ impl RedisReplay {
             connection: None,
             background_failures,
         };
-        tokio::spawn(batcher.run(queue));
+        let task = tokio::spawn(batcher.run(queue));
         Ok(Self {
             ops,
+            drained: Some(ReplayDrained(task)),
             timeout,
             background: Arc::new(Semaphore::new(MAX_BATCH)),
         })
@@ -121,6 +123,12 @@ impl RedisReplay {
             Ok(Err(_)) => Err(ReplayError::Redis("the replay memory stopped".into())),
             Ok(Ok(result)) => result,
         }
+    }
+
+    /// The end of the batching task, to wait for at shutdown: it comes once every handle on
+    /// this store is dropped and the operations queued by then were sent. Taken once.
+    pub fn take_drained(&mut self) -> Option<ReplayDrained> {
+        self.drained.take()
     }
 
     fn queue(&self, op: Op) -> Result<(), ReplayError> {
@@ -174,6 +182,16 @@ impl ReplayStore for RedisReplay {
             reply: None,
             _place: Some(place),
         })
+    }
+}
+
+/// The batching task of a [`RedisReplay`].
+pub struct ReplayDrained(tokio::task::JoinHandle<()>);
+
+impl ReplayDrained {
+    /// Waits at most `limit` for the queued operations to be sent; whether they were.
+    pub async fn wait(self, limit: Duration) -> bool {
+        matches!(tokio::time::timeout(limit, self.0).await, Ok(Ok(())))
     }
 }
 

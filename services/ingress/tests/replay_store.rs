@@ -234,3 +234,34 @@ async fn background_writes_waiting_for_a_stalled_redis_are_bounded() {
         .expect("the check is answered (hang guard)");
     assert!(matches!(check, Err(ReplayError::Timeout(_))), "{check:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_queued_when_the_store_is_dropped_are_sent_before_it_reports_drained() {
+    let redis = TestRedis::create().await;
+    let mut store = RedisReplay::start(
+        redis.url(),
+        redis.prefix(),
+        Duration::from_secs(5),
+        Counter::default(),
+    )
+    .unwrap();
+    let drained = store.take_drained().expect("the batching task");
+    assert!(store.take_drained().is_none(), "taken once");
+    for i in 0..300u64 {
+        store
+            .remember_in_background(&format!("shutdown:jti:{i}"), Duration::from_secs(30))
+            .unwrap();
+    }
+    drop(store);
+    assert!(
+        drained.wait(Duration::from_secs(20)).await,
+        "drained in time"
+    );
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}replay:shutdown:jti:*", redis.prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 300);
+}
