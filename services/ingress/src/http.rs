@@ -478,7 +478,9 @@ async fn handle_webhook(
         Ok(false) => {}
         Err(error) => {
             state.metrics.replay_store_errors.inc();
-            tracing::warn!(%error, "replay memory unavailable; publishing without the check");
+            if state.metrics.replay_warning.allow((state.clock)()) {
+                tracing::warn!(%error, "replay memory unavailable; publishing without the check (one line a second; ingress_replay_store_errors_total counts them)");
+            }
         }
     }
 
@@ -520,7 +522,9 @@ async fn handle_webhook(
     // Not awaited: the event is safe with the broker, so the answer need not wait for Redis.
     if let Err(error) = state.replay.remember_in_background(replay_key, *replay_ttl) {
         state.metrics.replay_store_errors.inc();
-        tracing::warn!(%error, "cannot remember the token id; a replay would be published again");
+        if state.metrics.replay_warning.allow((state.clock)()) {
+            tracing::warn!(%error, "cannot remember the token id; a replay would be published again (one line a second; ingress_replay_store_errors_total counts them)");
+        }
     }
     Ok(accept(
         state,

@@ -1,4 +1,10 @@
-//! Prometheus metrics of the ingress (names as the Helm dashboard and alerts use them).
+//! Prometheus metrics of the ingress (names as the Helm dashboard and alerts use them), and
+//! the throttle of warnings that every request would otherwise log during an outage.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicI64, Ordering},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -35,6 +41,27 @@ pub struct Metrics {
     pub replay_store_errors: Counter,
     pub config_lookup_errors: Counter,
     pub config_events: Counter,
+    /// Replay-memory warnings: during a Redis outage every request fails the same way, so one
+    /// line a second is logged and the counter says how many.
+    pub replay_warning: Arc<LogThrottle>,
+}
+
+/// Lets one log line through per second.
+#[derive(Debug, Default)]
+pub struct LogThrottle {
+    last_second: AtomicI64,
+}
+
+impl LogThrottle {
+    /// Whether to log now (`now`: unix seconds): true for the first call of each second.
+    pub fn allow(&self, now: i64) -> bool {
+        let last = self.last_second.load(Ordering::Relaxed);
+        last != now
+            && self
+                .last_second
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
 }
 
 impl Metrics {
@@ -53,6 +80,7 @@ impl Metrics {
             replay_store_errors: Counter::default(),
             config_lookup_errors: Counter::default(),
             config_events: Counter::default(),
+            replay_warning: Arc::new(LogThrottle::default()),
         };
         registry.register(
             "ingress_requests",
@@ -109,5 +137,20 @@ impl Metrics {
 
     pub fn refuse(&self, reason: &'static str) {
         self.refusals.get_or_create(&Reason { reason }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_throttle_lets_one_line_through_per_second() {
+        let throttle = LogThrottle::default();
+        assert!(throttle.allow(100));
+        assert!(!throttle.allow(100));
+        assert!(!throttle.allow(100));
+        assert!(throttle.allow(101));
+        assert!(!throttle.allow(101));
     }
 }

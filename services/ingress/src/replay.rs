@@ -100,6 +100,7 @@ impl RedisReplay {
             timeout,
             connection: None,
             background_failures,
+            warned_at: None,
         };
         let task = tokio::spawn(batcher.run(queue));
         Ok(Self {
@@ -202,6 +203,8 @@ struct Batcher {
     timeout: Duration,
     connection: Option<ConnectionManager>,
     background_failures: Counter,
+    /// When failed background writes were last logged (at most once a second).
+    warned_at: Option<Instant>,
 }
 
 impl Batcher {
@@ -286,9 +289,14 @@ impl Batcher {
                 }
             }
         }
-        // One line per pipeline, not per key: a Redis outage must not flood the log.
-        if let Some(error) = unheard {
-            tracing::warn!(%error, "cannot remember token ids; a replay of them would be published again");
+        // At most one line a second, not one per key: a Redis outage must not flood the log.
+        if let Some(error) = unheard
+            && self
+                .warned_at
+                .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            self.warned_at = Some(Instant::now());
+            tracing::warn!(%error, "cannot remember token ids; a replay of them would be published again (one line a second; ingress_replay_store_errors_total counts them)");
         }
     }
 }
