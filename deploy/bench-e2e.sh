@@ -6,7 +6,7 @@
 #
 # Settings: BENCH_RATE (1000 webhooks/s offered in the latency phase), BENCH_SECONDS (10 per
 # phase), BENCH_CONCURRENCY (128 in flight in the throughput phase), BENCH_SHOPS (20),
-# BENCH_AGENTS (50, each in every shop), ROUTING_SHARDS (4), BENCH_SKIP_BUILD, CARGO_TARGET_DIR.
+# BENCH_AGENTS (50, each in every shop), ROUTING_SHARDS (cores), BENCH_SKIP_BUILD, CARGO_TARGET_DIR.
 # Prints a table; record it in deploy/BENCHMARKS.md ("End to end").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,8 @@ SECONDS_PER_PHASE=${BENCH_SECONDS:-10}
 CONCURRENCY=${BENCH_CONCURRENCY:-128}
 SHOPS=${BENCH_SHOPS:-20}
 AGENTS=${BENCH_AGENTS:-50}
-export ROUTING_SHARDS=${ROUTING_SHARDS:-4}
+# One shard per core by default (see deploy/bench-routing.sh).
+export ROUTING_SHARDS=${ROUTING_SHARDS:-$(nproc)}
 # routing needs one PostgreSQL connection per shard plus 8 (it refuses to start with fewer).
 if [[ -z "${DATABASE_MAX_CONNECTIONS:-}" && $((ROUTING_SHARDS + 8)) -gt 16 ]]; then
   export DATABASE_MAX_CONNECTIONS=$((ROUTING_SHARDS + 8))

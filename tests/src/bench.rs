@@ -325,6 +325,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every candidate being there is not the end of it: each seeded grant is its own config
+    // event, and routing applies the rest of them after the first sync of a shop brought in
+    // all of its members. Wait until routing's row writes stand still for 3 s, so the phases
+    // below do not share the machine with that backlog.
+    let writes = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint
+             from pg_stat_user_tables where schemaname = 'routing'",
+        )
+        .fetch_one(&pool)
+        .await
+    };
+    let mut last = writes().await?;
+    let mut still_since = Instant::now();
+    while still_since.elapsed() < Duration::from_secs(3) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "routing was still applying the seeding's config events after 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = writes().await?;
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+        }
+    }
     let handover_shop = shops.pop().context("no handover shop")?;
     let shops = Arc::new(shops);
     let http = reqwest::Client::builder()

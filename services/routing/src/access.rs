@@ -413,28 +413,45 @@ pub async fn store_routing_shop(
     .bind(version_i64(shop.version))
     .execute(&mut *conn)
     .await?;
-    sqlx::query("delete from shop_members where shop_id = $1")
+    // The members in two statements whatever their number: a member change refetches the
+    // whole shop, so per-member statements made each change cost as much as the shop is big.
+    let members: Vec<_> = shop
+        .employees
+        .iter()
+        .filter(|e| e.role != Role::Unspecified as i32)
+        .collect();
+    let ids: Vec<&str> = members.iter().map(|e| e.employee_id.as_str()).collect();
+    let roles: Vec<i16> = members
+        .iter()
+        .map(|e| i16::try_from(e.role).unwrap_or(0))
+        .collect();
+    let chat: Vec<bool> = members.iter().map(|e| e.chat_permission).collect();
+    let names: Vec<&str> = members.iter().map(|e| e.display_name.as_str()).collect();
+    sqlx::query("delete from shop_members where shop_id = $1 and employee_id <> all($2)")
         .bind(&shop.shop_id)
+        .bind(&ids)
         .execute(&mut *conn)
         .await?;
-    for employee in &shop.employees {
-        if employee.role == Role::Unspecified as i32 {
-            continue;
-        }
-        sqlx::query(
-            "insert into shop_members (shop_id, employee_id, role, chat_permission, display_name)
-             values ($1, $2, $3, $4, $5)
-             on conflict (shop_id, employee_id) do update set role = excluded.role,
-                chat_permission = excluded.chat_permission, display_name = excluded.display_name",
-        )
-        .bind(&shop.shop_id)
-        .bind(&employee.employee_id)
-        .bind(i16::try_from(employee.role).unwrap_or(0))
-        .bind(employee.chat_permission)
-        .bind(&employee.display_name)
-        .execute(&mut *conn)
-        .await?;
-    }
+    // Rows are written only where something changed (an update that changes nothing still
+    // writes a new row version and WAL).
+    sqlx::query(
+        "insert into shop_members (shop_id, employee_id, role, chat_permission, display_name)
+         select distinct on (employee_id) $1, employee_id, role, chat_permission, display_name
+         from unnest($2::text[], $3::int2[], $4::bool[], $5::text[])
+              with ordinality as m(employee_id, role, chat_permission, display_name, ord)
+         order by employee_id, ord desc
+         on conflict (shop_id, employee_id) do update set role = excluded.role,
+            chat_permission = excluded.chat_permission, display_name = excluded.display_name
+         where (shop_members.role, shop_members.chat_permission, shop_members.display_name)
+               is distinct from (excluded.role, excluded.chat_permission, excluded.display_name)",
+    )
+    .bind(&shop.shop_id)
+    .bind(&ids)
+    .bind(&roles)
+    .bind(&chat)
+    .bind(&names)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

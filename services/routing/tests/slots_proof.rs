@@ -1874,3 +1874,133 @@ async fn every_employee_redis_keeps_a_state_for_is_listed_on_a_large_staff() {
     assert!(listed.len() >= staff.len(), "{} listed", listed.len());
     assert_eq!(listed.into_iter().collect::<BTreeSet<_>>(), staff);
 }
+
+fn routing_employee(id: &str, name: &str, role: pb::Role, chat: bool) -> pb::RoutingEmployee {
+    pb::RoutingEmployee {
+        employee_id: id.into(),
+        display_name: name.into(),
+        role: role as i32,
+        chat_permission: chat,
+    }
+}
+
+async fn members(pool: &PgPool, shop: &str) -> Vec<(String, i16, bool, String)> {
+    sqlx::query_as(
+        "select employee_id, role, chat_permission, display_name from shop_members
+         where shop_id = $1 order by employee_id",
+    )
+    .bind(shop)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+// A member change refetches the whole shop and resyncs its candidates, so both are written
+// in bulk: this pins down what the bulk statements must still do (replace the member list,
+// skip members without a role, leave unchanged rows alone, grant in Redis too).
+#[tokio::test]
+async fn a_refetched_shop_replaces_its_members_and_grants_in_bulk() {
+    let h = harness(Duration::from_secs(30)).await;
+    let employee = pb::Role::ShopEmployee;
+    let mut shop = pb::RoutingShop {
+        shop_id: "bulk".into(),
+        enabled: true,
+        conversation_slots: 1,
+        version: 1,
+        employees: vec![
+            routing_employee("ann", "Ann", employee, true),
+            routing_employee("bob", "Bob", employee, true),
+            routing_employee("cid", "Cid", employee, false),
+            routing_employee("eve", "Eve", pb::Role::Unspecified, true),
+        ],
+        ..Default::default()
+    };
+    let mut conn = h.pool.acquire().await.unwrap();
+    shopctrl_routing::access::store_routing_shop(&mut conn, &shop)
+        .await
+        .unwrap();
+    let first = members(&h.pool, "bulk").await;
+    assert_eq!(
+        first.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(),
+        ["ann", "bob", "cid"],
+        "a member without a role is not stored"
+    );
+    let version_of = |who: &'static str| {
+        let pool = h.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "select xmin::text from shop_members where shop_id = 'bulk' and employee_id = $1",
+            )
+            .bind(who)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let ann_before = version_of("ann").await;
+
+    // Bob renamed, Cid gone, Dan new; Ann unchanged.
+    shop.version = 2;
+    shop.employees = vec![
+        routing_employee("ann", "Ann", employee, true),
+        routing_employee("bob", "Robert", employee, true),
+        routing_employee("dan", "Dan", pb::Role::ShopAdmin, false),
+    ];
+    shopctrl_routing::access::store_routing_shop(&mut conn, &shop)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(
+        members(&h.pool, "bulk").await,
+        vec![
+            ("ann".into(), employee as i16, true, "Ann".into()),
+            ("bob".into(), employee as i16, true, "Robert".into()),
+            (
+                "dan".into(),
+                pb::Role::ShopAdmin as i16,
+                false,
+                "Dan".into()
+            ),
+        ]
+    );
+    assert_eq!(
+        version_of("ann").await,
+        ann_before,
+        "an unchanged member is not rewritten"
+    );
+
+    // The candidates, in one call: in the record and in Redis (a claim finds them).
+    h.svc.set_shop_slots("bulk", 1).await.unwrap();
+    let grants = [
+        ("ann".to_owned(), "Ann".to_owned()),
+        ("bob".to_owned(), "Robert".to_owned()),
+    ];
+    h.svc.apply_grants("bulk", &grants).await.unwrap();
+    h.svc.apply_grants("bulk", &grants).await.unwrap();
+    assert_eq!(h.svc.candidates("bulk").await.unwrap(), ["ann", "bob"]);
+    let names: Vec<(String, String)> = sqlx::query_as(
+        "select employee_id, display_name from slot_display_names order by employee_id",
+    )
+    .fetch_all(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        names,
+        [
+            ("ann".into(), "Ann".into()),
+            ("bob".into(), "Robert".into())
+        ]
+    );
+    let customer = new_customer(&h.pool, "bulk").await;
+    let mut taken = BTreeSet::new();
+    for seq in 0..3 {
+        let id = new_conversation(&h.pool, "bulk", customer, seq, "waiting_for_employee").await;
+        match h.svc.assign_waiting(id, ClaimKind::Auto).await.unwrap() {
+            Assignment::Assigned { employee_id, .. } => {
+                taken.insert(employee_id);
+            }
+            other => assert_eq!(seq, 2, "only the third waits, got {other:?}"),
+        }
+    }
+    assert_eq!(taken, BTreeSet::from(["ann".to_owned(), "bob".to_owned()]));
+}

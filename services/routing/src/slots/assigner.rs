@@ -151,9 +151,7 @@ impl SlotAssigner {
         .fetch_all(pool)
         .await?;
         let current = self.svc.candidates(shop_id).await?;
-        for (employee, name) in &members {
-            self.svc.apply_grant(shop_id, employee, name).await?;
-        }
+        self.svc.apply_grants(shop_id, &members).await?;
         for employee in current {
             if !members.iter().any(|(e, _)| *e == employee) {
                 self.svc.withdraw_permission(shop_id, &employee).await?;

@@ -356,8 +356,8 @@ impl SlotEngine {
         }
     }
 
-    async fn config(&self, op: &str, a: &str, b: &str) -> Result<bool, SlotError> {
-        let r = self.run(&self.scripts.config, &[op, a, b]).await?;
+    async fn config(&self, args: &[&str]) -> Result<bool, SlotError> {
+        let r = self.run(&self.scripts.config, args).await?;
         match head(&r)? {
             "ok" => Ok(true),
             "rebuild" => Ok(false),
@@ -368,24 +368,38 @@ impl SlotEngine {
     /// Sets a shop's slot limit. `false` means Redis needs a rebuild (which reads the value
     /// from PostgreSQL, so writing PostgreSQL first is enough).
     pub async fn set_slots(&self, shop_id: &str, slots: u32) -> Result<bool, SlotError> {
-        self.config("slots", shop_id, &slots.to_string()).await
+        self.config(&["slots", shop_id, &slots.to_string()]).await
     }
 
-    /// Adds or removes an employee from a shop's candidates (the Chat permission).
-    pub async fn set_candidate(
+    /// Removes an employee from a shop's candidates (the Chat permission withdrawn).
+    pub async fn remove_candidate(
         &self,
         shop_id: &str,
         employee_id: &str,
-        candidate: bool,
     ) -> Result<bool, SlotError> {
-        let op = if candidate { "grant" } else { "revoke" };
-        self.config(op, shop_id, employee_id).await
+        self.config(&["revoke", shop_id, employee_id]).await
+    }
+
+    /// Adds employees to a shop's candidates, in one call however many (a shop's sync).
+    pub async fn add_candidates(
+        &self,
+        shop_id: &str,
+        employee_ids: &[String],
+    ) -> Result<bool, SlotError> {
+        if employee_ids.is_empty() {
+            return Ok(true);
+        }
+        let mut args = Vec::with_capacity(employee_ids.len() + 2);
+        args.push("grant");
+        args.push(shop_id);
+        args.extend(employee_ids.iter().map(String::as_str));
+        self.config(&args).await
     }
 
     /// Online (present) or away/offline.
     pub async fn set_present(&self, employee_id: &str, present: bool) -> Result<bool, SlotError> {
         let op = if present { "present" } else { "away" };
-        self.config(op, employee_id, "").await
+        self.config(&[op, employee_id, ""]).await
     }
 
     /// What Redis holds for an employee; `None` when Redis needs a rebuild.

@@ -296,33 +296,55 @@ impl SlotService {
         employee_id: &str,
         display_name: &str,
     ) -> Result<(), SlotError> {
+        self.apply_grants(
+            shop_id,
+            &[(employee_id.to_owned(), display_name.to_owned())],
+        )
+        .await
+    }
+
+    /// Makes each `(employee, display name)` a candidate of the shop without draining: one
+    /// statement per table and one Redis call, whatever the number of employees (a shop's sync
+    /// runs on every member change of the shop).
+    pub async fn apply_grants(
+        &self,
+        shop_id: &str,
+        members: &[(String, String)],
+    ) -> Result<(), SlotError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let (employees, names): (Vec<String>, Vec<String>) = members.iter().cloned().unzip();
         sqlx::query(
-            "insert into slot_candidates (shop_id, employee_id) values ($1, $2)
+            "insert into slot_candidates (shop_id, employee_id)
+             select $1, e from unnest($2::text[]) as e
              on conflict do nothing",
         )
         .bind(shop_id)
-        .bind(employee_id)
+        .bind(&employees)
         .execute(&self.pool)
         .await?;
         sqlx::query(
             // Writes only on a change: an upsert whose update is skipped still locks the row,
             // and that costs a WAL flush on every config sync.
-            "with changed as (
-                update slot_display_names set display_name = $2
-                where employee_id = $1 and display_name <> $2
+            "with given as (
+                select distinct on (employee_id) employee_id, display_name
+                from unnest($1::text[], $2::text[]) as g(employee_id, display_name)
+             ), changed as (
+                update slot_display_names d set display_name = g.display_name
+                from given g
+                where d.employee_id = g.employee_id and d.display_name <> g.display_name
              )
              insert into slot_display_names (employee_id, display_name)
-             select $1, $2
-             where not exists (select 1 from slot_display_names where employee_id = $1)
+             select g.employee_id, g.display_name from given g
+             where not exists (select 1 from slot_display_names d where d.employee_id = g.employee_id)
              on conflict (employee_id) do nothing",
         )
-        .bind(employee_id)
-        .bind(display_name)
+        .bind(&employees)
+        .bind(&names)
         .execute(&self.pool)
         .await?;
-        self.engine
-            .set_candidate(shop_id, employee_id, true)
-            .await?;
+        self.engine.add_candidates(shop_id, &employees).await?;
         Ok(())
     }
 
@@ -376,9 +398,7 @@ impl SlotService {
             .execute(&self.pool)
             .await?;
         // First out of the candidates, so no claim can pick them while we hand back.
-        self.engine
-            .set_candidate(shop_id, employee_id, false)
-            .await?;
+        self.engine.remove_candidate(shop_id, employee_id).await?;
         let open: Vec<Uuid> = sqlx::query_scalar(
             "select conversation_id from conversations
              where shop_id = $1 and assignee_employee_id = $2 and state = 'assigned'
