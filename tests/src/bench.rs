@@ -327,7 +327,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     // Every candidate being there is not the end of it: each seeded grant is its own config
     // event, and routing applies the rest of them after the first sync of a shop brought in
-    // all of its members. Wait until routing's row writes stand still for 3 s, so the phases
+    // all of its members. Wait until routing's row writes stand still for 5 s, so the phases
     // below do not share the machine with that backlog.
     let writes = || async {
         sqlx::query_scalar::<_, i64>(
@@ -339,7 +339,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let mut last = writes().await?;
     let mut still_since = Instant::now();
-    while still_since.elapsed() < Duration::from_secs(3) {
+    while still_since.elapsed() < Duration::from_secs(5) {
         anyhow::ensure!(
             Instant::now() < deadline,
             "routing was still applying the seeding's config events after 180 s"

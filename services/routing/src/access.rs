@@ -432,18 +432,22 @@ pub async fn store_routing_shop(
         .bind(&ids)
         .execute(&mut *conn)
         .await?;
-    // Rows are written only where something changed (an update that changes nothing still
-    // writes a new row version and WAL).
+    // Only new or changed members reach the upsert: a conflicting row is locked (and logged)
+    // even when its update is skipped, and most refetches change one member or none.
     sqlx::query(
         "insert into shop_members (shop_id, employee_id, role, chat_permission, display_name)
-         select distinct on (employee_id) $1, employee_id, role, chat_permission, display_name
-         from unnest($2::text[], $3::int2[], $4::bool[], $5::text[])
-              with ordinality as m(employee_id, role, chat_permission, display_name, ord)
-         order by employee_id, ord desc
+         select $1, m.employee_id, m.role, m.chat_permission, m.display_name
+         from (select distinct on (employee_id) employee_id, role, chat_permission, display_name
+               from unnest($2::text[], $3::int2[], $4::bool[], $5::text[])
+                    with ordinality as g(employee_id, role, chat_permission, display_name, ord)
+               order by employee_id, ord desc) m
+         left join shop_members s on s.shop_id = $1 and s.employee_id = m.employee_id
+         where s.employee_id is null
+            or (s.role, s.chat_permission, s.display_name)
+               is distinct from (m.role, m.chat_permission, m.display_name)
+         order by m.employee_id
          on conflict (shop_id, employee_id) do update set role = excluded.role,
-            chat_permission = excluded.chat_permission, display_name = excluded.display_name
-         where (shop_members.role, shop_members.chat_permission, shop_members.display_name)
-               is distinct from (excluded.role, excluded.chat_permission, excluded.display_name)",
+            chat_permission = excluded.chat_permission, display_name = excluded.display_name",
     )
     .bind(&shop.shop_id)
     .bind(&ids)

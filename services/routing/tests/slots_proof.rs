@@ -1911,6 +1911,7 @@ async fn a_refetched_shop_replaces_its_members_and_grants_in_bulk() {
             routing_employee("ann", "Ann", employee, true),
             routing_employee("bob", "Bob", employee, true),
             routing_employee("cid", "Cid", employee, false),
+            routing_employee("gus", "Gus", employee, true),
             routing_employee("eve", "Eve", pb::Role::Unspecified, true),
         ],
         ..Default::default()
@@ -1922,14 +1923,15 @@ async fn a_refetched_shop_replaces_its_members_and_grants_in_bulk() {
     let first = members(&h.pool, "bulk").await;
     assert_eq!(
         first.iter().map(|m| m.0.as_str()).collect::<Vec<_>>(),
-        ["ann", "bob", "cid"],
+        ["ann", "bob", "cid", "gus"],
         "a member without a role is not stored"
     );
     let version_of = |who: &'static str| {
         let pool = h.pool.clone();
         async move {
             sqlx::query_scalar::<_, String>(
-                "select xmin::text from shop_members where shop_id = 'bulk' and employee_id = $1",
+                "select xmin::text || '/' || xmax::text from shop_members
+                 where shop_id = 'bulk' and employee_id = $1",
             )
             .bind(who)
             .fetch_one(&pool)
@@ -1939,22 +1941,25 @@ async fn a_refetched_shop_replaces_its_members_and_grants_in_bulk() {
     };
     let ann_before = version_of("ann").await;
 
-    // Bob renamed, Cid gone, Dan new; Ann unchanged.
+    // Bob renamed, Cid granted Chat, Gus gone, Dan new (listed twice: the last one counts);
+    // Ann unchanged.
     shop.version = 2;
     shop.employees = vec![
         routing_employee("ann", "Ann", employee, true),
+        routing_employee("dan", "Dan", employee, true),
         routing_employee("bob", "Robert", employee, true),
+        routing_employee("cid", "Cid", employee, true),
         routing_employee("dan", "Dan", pb::Role::ShopAdmin, false),
     ];
     shopctrl_routing::access::store_routing_shop(&mut conn, &shop)
         .await
         .unwrap();
-    drop(conn);
     assert_eq!(
         members(&h.pool, "bulk").await,
         vec![
             ("ann".into(), employee as i16, true, "Ann".into()),
             ("bob".into(), employee as i16, true, "Robert".into()),
+            ("cid".into(), employee as i16, true, "Cid".into()),
             (
                 "dan".into(),
                 pb::Role::ShopAdmin as i16,
@@ -1966,11 +1971,25 @@ async fn a_refetched_shop_replaces_its_members_and_grants_in_bulk() {
     assert_eq!(
         version_of("ann").await,
         ann_before,
-        "an unchanged member is not rewritten"
+        "an unchanged member is neither rewritten nor locked"
     );
+
+    // A shop without members keeps none.
+    shop.version = 3;
+    shop.employees.clear();
+    shopctrl_routing::access::store_routing_shop(&mut conn, &shop)
+        .await
+        .unwrap();
+    drop(conn);
+    assert!(members(&h.pool, "bulk").await.is_empty());
 
     // The candidates, in one call: in the record and in Redis (a claim finds them).
     h.svc.set_shop_slots("bulk", 1).await.unwrap();
+    // Bob first known under his old name: the sync renames him.
+    h.svc
+        .apply_grants("bulk", &[("bob".to_owned(), "Bob".to_owned())])
+        .await
+        .unwrap();
     let grants = [
         ("ann".to_owned(), "Ann".to_owned()),
         ("bob".to_owned(), "Robert".to_owned()),

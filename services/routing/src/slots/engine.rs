@@ -9,6 +9,9 @@ use super::{SlotError, UnassignedReason};
 
 const COMMON: &str = include_str!("lua/common.lua");
 
+/// Employees per `grant` call of a shop's sync.
+const GRANT_CHUNK: usize = 1000;
+
 /// The scripts, each prefixed with the shared helpers (the SHA covers the whole text).
 struct Scripts {
     claim: Script,
@@ -386,14 +389,17 @@ impl SlotEngine {
         shop_id: &str,
         employee_ids: &[String],
     ) -> Result<bool, SlotError> {
-        if employee_ids.is_empty() {
-            return Ok(true);
+        // In chunks: Lua's `unpack` stops at a few thousand values.
+        for chunk in employee_ids.chunks(GRANT_CHUNK) {
+            let mut args = Vec::with_capacity(chunk.len() + 2);
+            args.push("grant");
+            args.push(shop_id);
+            args.extend(chunk.iter().map(String::as_str));
+            if !self.config(&args).await? {
+                return Ok(false);
+            }
         }
-        let mut args = Vec::with_capacity(employee_ids.len() + 2);
-        args.push("grant");
-        args.push(shop_id);
-        args.extend(employee_ids.iter().map(String::as_str));
-        self.config(&args).await
+        Ok(true)
     }
 
     /// Online (present) or away/offline.

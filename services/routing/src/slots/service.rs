@@ -327,9 +327,11 @@ impl SlotService {
         sqlx::query(
             // Writes only on a change: an upsert whose update is skipped still locks the row,
             // and that costs a WAL flush on every config sync.
+            // Rows in employee order, so two shops' syncs sharing employees lock in one order.
             "with given as (
                 select distinct on (employee_id) employee_id, display_name
-                from unnest($1::text[], $2::text[]) as g(employee_id, display_name)
+                from unnest($1::text[], $2::text[]) with ordinality as g(employee_id, display_name, ord)
+                order by employee_id, ord desc
              ), changed as (
                 update slot_display_names d set display_name = g.display_name
                 from given g
@@ -338,6 +340,7 @@ impl SlotService {
              insert into slot_display_names (employee_id, display_name)
              select g.employee_id, g.display_name from given g
              where not exists (select 1 from slot_display_names d where d.employee_id = g.employee_id)
+             order by g.employee_id
              on conflict (employee_id) do nothing",
         )
         .bind(&employees)
