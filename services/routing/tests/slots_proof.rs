@@ -2023,3 +2023,22 @@ async fn a_refetched_shop_replaces_its_members_and_grants_in_bulk() {
     }
     assert_eq!(taken, BTreeSet::from(["ann".to_owned(), "bob".to_owned()]));
 }
+
+// Lua's unpack stops at a few thousand values; a shop's staff has no such bound, so both the
+// sync's grant and the claim's read of the candidates go in parts.
+#[tokio::test]
+async fn a_shop_with_ten_thousand_chat_employees_is_synced_and_claimed_for() {
+    let h = harness(Duration::from_secs(30)).await;
+    h.svc.set_shop_slots("big", 1).await.unwrap();
+    let staff: Vec<(String, String)> = (0..10_000)
+        .map(|i| (format!("agent-{i:05}"), format!("Agent {i}")))
+        .collect();
+    h.svc.apply_grants("big", &staff).await.unwrap();
+    assert_eq!(h.svc.candidates("big").await.unwrap().len(), staff.len());
+    let customer = new_customer(&h.pool, "big").await;
+    let id = new_conversation(&h.pool, "big", customer, 1, "waiting_for_employee").await;
+    assert!(matches!(
+        h.svc.assign_waiting(id, ClaimKind::Auto).await.unwrap(),
+        Assignment::Assigned { .. }
+    ));
+}

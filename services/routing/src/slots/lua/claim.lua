@@ -26,7 +26,17 @@ if #cands == 0 then return { 'none', 'no_permission', ep } end
 local sticky = nil
 if cust ~= '' then sticky = sh[2] end
 
-local raw = redis.call('HMGET', ST, unpack(cands))
+-- Lua's unpack stops at a few thousand values: a very large staff is read in parts.
+local raw
+if #cands <= 1000 then
+  raw = redis.call('HMGET', ST, unpack(cands))
+else
+  raw = {}
+  for i = 1, #cands, 1000 do
+    local part = redis.call('HMGET', ST, unpack(cands, i, math.min(i + 999, #cands)))
+    for j = 1, #part do raw[i + j - 1] = part[j] end
+  end
+end
 local best, best_s, best_load = nil, nil, 0
 local present = false
 for i, e in ipairs(cands) do
