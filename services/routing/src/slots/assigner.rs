@@ -6,7 +6,7 @@
 //! on every capacity change or withdrawal the seam reports.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -152,8 +152,9 @@ impl SlotAssigner {
         .await?;
         let current = self.svc.candidates(shop_id).await?;
         self.svc.apply_grants(shop_id, &members).await?;
+        let granted: HashSet<&str> = members.iter().map(|(e, _)| e.as_str()).collect();
         for employee in current {
-            if !members.iter().any(|(e, _)| *e == employee) {
+            if !granted.contains(employee.as_str()) {
                 self.svc.withdraw_permission(shop_id, &employee).await?;
             }
         }
